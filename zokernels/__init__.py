@@ -1,0 +1,7 @@
+"""zokernels: fused kernels and drop-in optimizers for zeroth-order (forward-only) fine-tuning."""
+from .contract import CONTRACT_VERSION, param_key
+from .ops import (perturbation, uniform, stochastic_round, perturb_, perturbed_copy, zo_update_,
+                  philox4x32, OpError)
+from .backends.registry import BackendUnavailable
+
+__version__ = "0.1.0"
