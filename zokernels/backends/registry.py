@@ -30,6 +30,9 @@ def _load(name: str):
     except Exception as e:  # noqa: BLE001 — any import failure makes the backend unavailable
         _import_errors[name] = f"{type(e).__name__}: {e}"
         return None
+    if not callable(getattr(mod, "unavailable_reason", None)):
+        _import_errors[name] = "the module does not implement the backend interface"
+        return None
     _modules[name] = mod
     return mod
 
