@@ -3,5 +3,8 @@ from .contract import CONTRACT_VERSION, param_key
 from .ops import (perturbation, uniform, stochastic_round, perturb_, perturbed_copy, zo_update_,
                   philox4x32, OpError)
 from .backends.registry import BackendUnavailable
+from .optim import ZOSGD, NonFiniteLoss
+from .log import FineTuneLog, LogMismatch, replay
+from .probe import ProbeError
 
 __version__ = "0.1.0"

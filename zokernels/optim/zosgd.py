@@ -1,0 +1,427 @@
+"""ZOSGD: a drop-in torch.optim.Optimizer for zeroth-order (MeZO-style SPSA) fine-tuning."""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import asdict
+from typing import Callable, Iterable
+
+import torch
+
+from .. import contract as C
+from .. import ops
+from ..log import FineTuneLog, base_fingerprint, new_header
+from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
+from .update import (PROBE_MODES, Forward, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
+                     apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
+                     projected_grads)
+
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+class NonFiniteLoss(FloatingPointError):
+    """A probe's loss was NaN or infinite (nonfinite='raise'); the weights were left as before the step."""
+
+
+class ZOSGD(torch.optim.Optimizer):
+    """Zeroth-order SGD with SPSA gradient estimates (MeZO, Malladi et al. 2023), forward only.
+
+    Step t (seed s_t = contract.step_seed(seed, t)), queries q < Q = n_queries, z_q = contract z:
+
+        two-sided: g_q = (L(theta + eps z_q) - L(theta - eps z_q)) / (2 eps)
+        one-sided: g_q = (L(theta + eps z_q) - L(theta)) / eps
+        theta <- R(theta - lr * (sum_q (g_q / Q) z_q + weight_decay * theta))
+
+    lr and weight_decay come from each tensor's param group (LR schedulers work as usual). R rounds
+    16-bit weights (`update_rounding`, stochastic by default: to nearest, an update smaller than half
+    an ulp is lost, and lr * g * z usually is); float32 weights are exact float32 arithmetic.
+    `step(closure)` calls closure() (a forward returning a scalar loss) under torch.no_grad() and the
+    model in eval mode (restored after), and returns the mean probe loss ((L+ + L-)/2, or L0).
+
+    Probes (`probe=`):
+      - "hooks" (default with a model): drift-free; forward pre/post hooks on every module that
+        directly owns trainable parameters swap in R(W +- eps z) scratch copies for that module's
+        forward only (extra memory: the modules in flight). 16-bit probes round stochastically by
+        default (`probe_rounding`): at |w| ~ 1 a bfloat16 ulp is 7.8e-3 > eps = 1e-3, so W + eps z
+        rounded to nearest would mostly round back to W; stochastic rounding makes the realized
+        perturbation unbiased.
+      - "swap" (default without a model): drift-free; every trainable parameter is swapped to its
+        scratch copy for the whole closure (extra memory: the trainable parameters).
+      - "inplace": MeZO's passes theta += eps z, forward, theta -= 2 eps z, forward, theta += eps z
+        (fused with the update after the last query), rounded to nearest. No extra memory, but
+        16-bit weights drift: each pass rounds, so they do not return exactly to theta.
+
+    Hooks are only correct if a parameter is read inside its owner's forward. nn.MultiheadAttention,
+    for one, reads out_proj.weight in its own forward, never calling out_proj. So on the first step
+    (`verify_probes="first"`; "always": every step; "never": trust the model) the first probe
+    runs under a TorchDispatchMode that records the storage of every tensor every op touches; any
+    parameter whose original (unperturbed) storage is touched during the probe — read outside its
+    owner's forward, or by a module whose hooks never fired — is moved to the whole-forward swap
+    set, named in a warning, and the probe is recomputed. If a parameter's original storage is still
+    read while it is swapped (a cached alias such as a stored transpose), ProbeError is raised rather
+    than a wrong g returned; use probe="inplace" for such models.
+
+    Non-finite losses: the step changes no weight (in-place: the perturbation is undone), is logged
+    as skipped and warned about (nonfinite="skip") or raises NonFiniteLoss ("raise").
+
+    `opt.log` (FineTuneLog) records every step; `opt.log.save(path)` + `zokernels.replay(model, path)`
+    rebuild the fine-tuned weights from the base weights. `state_dict()` carries seed, step count,
+    config and log: resuming gives the same trajectory bitwise.
+    """
+
+    def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_queries: int = 1,
+                 dist: str = "gaussian", seed: int | None = None, backend: str = "auto", *,
+                 model: torch.nn.Module | None = None, probe: str = "auto", one_sided: bool = False,
+                 probe_rounding: str = "stochastic", update_rounding: str = "stochastic",
+                 nonfinite: str = "skip", verify_probes: str = "first"):
+        _check_number(lr, "lr", lambda v: v >= 0, ">= 0")
+        _check_number(weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
+        _check_number(eps, "eps", lambda v: v > 0, "> 0")
+        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= C.MAX_QUERIES:
+            raise ValueError(f"n_queries must be an int in [1, {C.MAX_QUERIES}], got {n_queries!r}")
+        C.check_dist(dist)
+        C.check_rounding(probe_rounding)
+        C.check_rounding(update_rounding)
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        if verify_probes not in ("first", "always", "never"):
+            raise ValueError(f"verify_probes must be 'first', 'always' or 'never', got {verify_probes!r}")
+        if probe not in ("auto",) + PROBE_MODES:
+            raise ValueError(f"probe must be 'auto' or one of {PROBE_MODES}, got {probe!r}")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
+        self.base_seed = C.check_u64(seed, "seed")
+
+        if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
+        groups, names = _collect_groups(params, model)
+        if probe == "auto":
+            probe = "hooks" if model is not None else "swap"
+        if probe == "hooks" and model is None:
+            raise ValueError("probe='hooks' needs the model: pass model=... or the nn.Module itself as params")
+        for device in {t.device for g in groups for t in g["params"]}:
+            ops.select_backend(device, backend)  # raises BackendUnavailable with the reason
+
+        self._building = True
+        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
+        self._building = False
+        for g in self.param_groups:
+            _check_number(g["lr"], "lr", lambda v: v >= 0, ">= 0")
+            _check_number(g["weight_decay"], "weight_decay", lambda v: v >= 0, ">= 0")
+
+        self.model = model
+        self.backend = backend
+        self.nonfinite = nonfinite
+        self.verify_probes = verify_probes
+        self.config = StepConfig(eps=float(eps), n_queries=n_queries, dist=dist, one_sided=bool(one_sided),
+                                 probe=probe, probe_rounding=probe_rounding, update_rounding=update_rounding)
+        tensors = [t for g in self.param_groups for t in g["params"]]
+        flat_names = [n for g_names in names for n in g_names]
+        self.keys: dict[str, int] = {n: C.param_key(n) for n in flat_names}
+        self._names = flat_names
+        self._table = ParamTable(tensors, [self.keys[n] for n in flat_names],
+                                 [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]])
+        self._prober = Prober(self._table, self.config, backend, model, probe) if probe != "inplace" else None
+        self._verified = False
+        self._step = 0
+        header_groups = [{"names": list(n), "lr": float(g["lr"]), "weight_decay": float(g["weight_decay"])}
+                         for n, g in zip(names, self.param_groups)]
+        self.log = FineTuneLog(new_header(config=self.config, groups=header_groups, keys=self.keys,
+                                          base_seed=self.base_seed,
+                                          fingerprint=base_fingerprint(zip(flat_names, tensors))))
+
+    # ------------------------------------------------------------------ torch.optim.Optimizer API
+    def add_param_group(self, param_group: dict) -> None:
+        if not getattr(self, "_building", False):
+            raise NotImplementedError("ZOSGD fixes its parameters at construction (they define the log's "
+                                      "key table); build a new optimizer instead")
+        super().add_param_group(param_group)
+
+    @property
+    def steps_taken(self) -> int:
+        return self._step
+
+    def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> torch.Tensor:
+        """One ZO step; closure() runs a forward and returns a scalar loss. Returns the mean probe loss."""
+        if closure is None:
+            raise ValueError("ZOSGD.step needs a closure: a function that runs a forward and returns the "
+                             "loss (it is called 2 * n_queries times per step, under torch.no_grad())")
+        seed = C.step_seed(self.base_seed, self._step)
+        lrs = tuple(float(g["lr"]) for g in self.param_groups)
+        wds = tuple(float(g["weight_decay"]) for g in self.param_groups)
+        for v in lrs:
+            _check_number(v, "lr", lambda x: x >= 0, ">= 0")
+        with torch.no_grad(), self._eval_mode():
+            if self.config.probe == "inplace":
+                loss = self._inplace_step(closure, seed, lrs, wds)
+            else:
+                loss = self._drift_free_step(closure, seed, lrs, wds)
+        return torch.tensor(loss, dtype=torch.float32)
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["zosgd"] = {"base_seed": self.base_seed, "step": self._step, "config": asdict(self.config),
+                       "whole_forward_swap": sorted(self._names[i] for i in self._prober.whole)
+                       if self._prober is not None and self.config.probe == "hooks" else [],
+                       "log": self.log.state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("zosgd", None)
+        if extra is None:
+            raise ValueError("not a ZOSGD state dict (no 'zosgd' entry)")
+        if extra["config"] != asdict(self.config):
+            diff = {k: (v, asdict(self.config)[k]) for k, v in extra["config"].items()
+                    if asdict(self.config).get(k) != v}
+            raise ValueError(f"ZOSGD config differs from the saved one (saved, now): {diff}")
+        log = FineTuneLog.from_state(extra["log"])
+        if log.keys != self.keys:
+            raise ValueError("the saved optimizer has other parameters (key tables differ)")
+        super().load_state_dict(state_dict)
+        self.base_seed = int(extra["base_seed"])
+        self._step = int(extra["step"])
+        self.log = log
+        if self._prober is not None and self.config.probe == "hooks":
+            index = {n: i for i, n in enumerate(self._names)}
+            self._prober.whole |= {index[n] for n in extra["whole_forward_swap"]}
+        self._verified = False
+
+    # ------------------------------------------------------------------ internals
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        if self.model is None:
+            yield
+            return
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def _forward(self, closure) -> float:
+        with torch.no_grad():
+            loss = closure()
+        return _scalar_loss(loss)
+
+    def _probe(self, closure, seed: int, query: int, sign: int, verify: bool) -> float:
+        prober = self._prober
+        if not verify:
+            with prober.perturbed(seed, query, sign):
+                return self._forward(closure)
+        for _ in range(2):
+            reads = StorageReads(watch_original_storages(self._table))
+            with reads, prober.perturbed(seed, query, sign, reads):
+                with torch.no_grad():
+                    raw = closure()
+            loss = _scalar_loss(raw)
+            if not reads.hits:
+                self._verified = True
+                return loss
+            new = reads.hits - prober.whole
+            if not new:
+                break
+            prober.whole |= new
+            names = sorted(self._names[i] for i in new)
+            warnings.warn(f"ZOSGD: {len(names)} parameter(s) are read outside their owning module's forward "
+                          f"(so forward hooks cannot perturb them): {names}. They are now swapped for the "
+                          "whole forward (drift-free, extra memory = their size); probe recomputed.",
+                          stacklevel=4)
+        names = sorted(self._names[i] for i in reads.hits)
+        raise ProbeError(f"ZOSGD: parameters {names} are read through their original storage even while "
+                         "swapped for the whole forward (a cached alias, e.g. a stored transpose or view?). "
+                         "Drift-free probes cannot perturb them; use probe='inplace'.")
+
+    def _should_verify(self) -> bool:
+        if self.config.probe != "hooks" and self.config.probe != "swap":
+            return False
+        return self.verify_probes == "always" or (self.verify_probes == "first" and not self._verified)
+
+    def _drift_free_step(self, closure, seed: int, lrs, wds) -> float:
+        cfg = self.config
+        plus, minus, loss0 = [], [], None
+        try:
+            if cfg.one_sided:
+                loss0 = self._forward(closure)
+                if not math.isfinite(loss0):
+                    return self._skip(seed, lrs, wds, -1, loss0, "the unperturbed loss")
+            for q in range(cfg.n_queries):
+                lp = self._probe(closure, seed, q, +1, q == 0 and self._should_verify())
+                plus.append(lp)
+                if not math.isfinite(lp):
+                    return self._skip(seed, lrs, wds, -1, lp, f"L+ of query {q}")
+                if not cfg.one_sided:
+                    lm = self._probe(closure, seed, q, -1, False)
+                    minus.append(lm)
+                    if not math.isfinite(lm):
+                        return self._skip(seed, lrs, wds, -1, lm, f"L- of query {q}")
+        except NonFiniteLoss:
+            raise
+        except BaseException:
+            self._record_dropped(seed, lrs, wds, -1)
+            raise
+        grads = projected_grads(plus, minus, loss0, cfg)
+        loss = loss0 if cfg.one_sided else sum(p + m for p, m in zip(plus, minus)) / (2 * cfg.n_queries)
+        if not coeffs_representable(grads, cfg.n_queries):
+            return self._skip(seed, lrs, wds, -1, loss, f"the projected gradients {grads} (overflow)")
+        record = StepRecord(seed, grads, lrs, wds)
+        apply_update(self._table, record, cfg, self.backend)
+        self._commit(record)
+        return loss
+
+    def _inplace_step(self, closure, seed: int, lrs, wds) -> float:
+        cfg = self.config
+        losses: dict[tuple[int, int], float] = {}
+        for event in inplace_events(cfg):
+            if isinstance(event, PerturbPass):
+                perturb_all(self._table, seed, event.query, event.scale, cfg, self.backend)
+                continue
+            try:
+                value = self._forward(closure)
+            except BaseException:
+                abandon_inplace(self._table, seed, event.index, cfg, self.backend)
+                self._record_dropped(seed, lrs, wds, event.index)
+                raise
+            if not math.isfinite(value):
+                abandon_inplace(self._table, seed, event.index, cfg, self.backend)
+                return self._skip(seed, lrs, wds, event.index, value, f"the loss of forward {event.index}")
+            losses[(event.query, event.sign)] = value
+        n = cfg.n_queries
+        plus = [losses[(q, +1)] for q in range(n)]
+        minus = [] if cfg.one_sided else [losses[(q, -1)] for q in range(n)]
+        loss0 = losses.get((-1, 0))
+        grads = projected_grads(plus, minus, loss0, cfg)
+        loss = loss0 if cfg.one_sided else sum(p + m for p, m in zip(plus, minus)) / (2 * n)
+        record = StepRecord(seed, grads, lrs, wds)
+        if not coeffs_representable(grads, n):
+            record = StepRecord(seed, (math.nan,) * n, lrs, wds, skipped=True)
+            finish_inplace(self._table, record, cfg, self.backend)
+            self._commit(record)
+            return self._warn_or_raise(f"the projected gradients {grads} (overflow)", loss)
+        finish_inplace(self._table, record, cfg, self.backend)
+        self._commit(record)
+        return loss
+
+    def _commit(self, record: StepRecord) -> None:
+        self.log.append(record)
+        self._step += 1
+
+    def _record_dropped(self, seed: int, lrs, wds, stop: int) -> None:
+        self._commit(StepRecord(seed, (math.nan,) * self.config.n_queries, lrs, wds, skipped=True, stop=stop))
+
+    def _skip(self, seed: int, lrs, wds, stop: int, value: float, what: str) -> float:
+        self._record_dropped(seed, lrs, wds, stop)
+        return self._warn_or_raise(f"{what} is {value}", value)
+
+    def _warn_or_raise(self, message: str, loss: float) -> float:
+        message = f"ZOSGD step {self._step - 1}: {message}; the step was skipped (weights unchanged)"
+        if self.nonfinite == "raise":
+            raise NonFiniteLoss(message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        return loss
+
+
+# ---------------------------------------------------------------------- parameter collection
+def _check_number(v, what: str, ok, rule: str) -> None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
+        raise ValueError(f"{what} must be a finite number {rule}, got {v!r}")
+
+
+def _scalar_loss(loss) -> float:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss; got a tensor of shape {tuple(loss.shape)} "
+                             "(reduce it, e.g. .mean())")
+        return float(loss.detach().reshape(()).item())
+    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+        return float(loss)
+    raise TypeError(f"the closure must return a scalar loss (0-d tensor or float), got {type(loss).__name__}")
+
+
+def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], list[list[str]]]:
+    """Param groups of tensors for torch.optim.Optimizer, and each group's parameter names."""
+    if isinstance(params, torch.nn.Module):
+        raw_groups = [{"params": [(n, p) for n, p in params.named_parameters() if p.requires_grad]}]
+    else:
+        if isinstance(params, torch.Tensor):
+            raise TypeError("params must be an iterable of tensors, (name, tensor) pairs, param-group dicts "
+                            "or an nn.Module, not a single tensor")
+        items = list(params)
+        if not items:
+            raise ValueError("ZOSGD got an empty parameter list")
+        if all(isinstance(x, dict) for x in items):
+            raw_groups = [dict(g) for g in items]
+        elif any(isinstance(x, dict) for x in items):
+            raise TypeError("mix of param-group dicts and parameters")
+        else:
+            raw_groups = [{"params": items}]
+    model_names: dict[int, str] = {}
+    if model is not None:
+        for n, p in model.named_parameters():  # remove_duplicate: a tied parameter keeps its first name
+            model_names.setdefault(id(p), n)
+
+    groups, names, seen, unnamed = [], [], set(), 0
+    index = 0
+    for g in raw_groups:
+        if "params" not in g:
+            raise ValueError("a param-group dict needs a 'params' entry")
+        entries = g["params"]
+        if isinstance(entries, torch.nn.Module):
+            entries = [(n, p) for n, p in entries.named_parameters() if p.requires_grad]
+        elif isinstance(entries, torch.Tensor):
+            entries = [entries]
+        tensors, g_names = [], []
+        for e in list(entries):
+            if isinstance(e, tuple) and len(e) == 2 and isinstance(e[0], str):
+                name, t = e
+            else:
+                name, t = None, e
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"parameter {index} is a {type(t).__name__}, not a tensor")
+            _check_param(t, name or f"#{index}")
+            if id(t) in seen:
+                raise ValueError(f"parameter {name or index} is listed twice")
+            seen.add(id(t))
+            if model is not None:
+                if id(t) not in model_names:
+                    if name is None:
+                        raise ValueError(f"parameter #{index} (shape {tuple(t.shape)}) is not a parameter of "
+                                         "the model; pass (name, tensor) pairs for extra tensors")
+                else:
+                    name = model_names[id(t)]
+            if name is None:
+                name = f"param.{index}"
+                unnamed += 1
+            tensors.append(t)
+            g_names.append(name)
+            index += 1
+        groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": tensors})
+        names.append(g_names)
+    if index == 0:
+        raise ValueError("ZOSGD got an empty parameter list (no trainable parameters)")
+    flat = [n for g in names for n in g]
+    keys = [C.param_key(n) for n in flat]
+    if len(set(keys)) != len(keys):
+        dup = sorted({n for n in flat if flat.count(n) > 1})
+        raise ValueError(f"two parameters share a name (and so a contract key): {dup}")
+    if unnamed:
+        warnings.warn(f"ZOSGD: {unnamed} parameters have no names; their contract keys are 'param.<i>' by "
+                      "position, so the perturbations (and a saved log) depend on parameter order. Pass "
+                      "the model, model=..., or (name, tensor) pairs for stable keys.", stacklevel=3)
+    return groups, names
+
+
+def _check_param(t: torch.Tensor, name: str) -> None:
+    if t.dtype not in SUPPORTED_DTYPES:
+        kind = "integer/bool" if not t.is_floating_point() and not t.is_complex() else str(t.dtype)
+        raise TypeError(f"parameter {name} has dtype {t.dtype} ({kind}); ZOSGD trains float32, bfloat16 "
+                        "or float16 parameters (quantized weights go through zokernels.quant)")
+    if not t.is_contiguous():
+        raise ValueError(f"parameter {name} (shape {tuple(t.shape)}) is not contiguous; call "
+                         "param.data = param.data.contiguous() once before building the optimizer")
+    if t.device.type == "meta":
+        raise ValueError(f"parameter {name} is on the meta device; materialize it first")
