@@ -1,0 +1,170 @@
+// One Philox block (4 consecutive global elements) of every op, shared by the host entry points and the
+// device kernels so that the CPU tests exercise the very code the GPU runs.
+#pragma once
+
+#include <stdint.h>
+
+#include <type_traits>
+#include <utility>
+
+#include "zo_math.cuh"
+
+namespace zo {
+
+enum Op : int { FILL_Z = 0, FILL_U = 1, SROUND = 2, PERTURB = 3, UPDATE = 4 };
+
+// Row layout of the device tensor table (int64 [T, TABLE_COLS]), built by zokernels/backends/cuda.
+enum TableCol : int { COL_PTR = 0, COL_OUT, COL_NUMEL, COL_KEY, COL_OFFSET, COL_CHUNK0, COL_LR_WD, TABLE_COLS = 8 };
+
+struct TensorDesc {
+  const void* src;   // input (theta or x); may equal dst
+  void* dst;         // output
+  int64_t numel;
+  uint64_t key;      // contract key of the tensor
+  uint64_t offset;   // global index of element 0
+  float lr, wd;      // zo_update_ only
+};
+
+struct OpParams {
+  uint64_t seed;
+  float scale;             // perturb: theta + scale * z
+  uint32_t query;          // z query (perturb, fills)
+  uint32_t stream;         // fills and stochastic_round: the stream drawn
+  uint32_t sr_stream;      // perturb / update: stream of the rounding uniforms
+  const float* coeffs;     // update: coeffs[q], q < n_coeffs
+  int n_coeffs;
+  int restore;             // update: theta' = theta + restore_scale * z_{restore_query}
+  float restore_scale;
+  uint32_t restore_query;
+};
+
+// Process global Philox block `block` of tensor t: elements j = 4 block + lane with offset <= j < offset + numel.
+template <int OP, int DT, int DIST, bool STOCH>
+ZO_HD void process_block(const TensorDesc& t, const OpParams& p, uint64_t block) {
+  const int64_t base = (int64_t)(block * 4u - t.offset);  // local index of lane 0 (may be < 0)
+  bool live[4];
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) live[l] = base + l >= 0 && base + l < t.numel;
+
+  if (OP == FILL_Z || OP == FILL_U) {
+    float val[4];
+    U4 r = contract_block(p.seed, t.key, p.query, p.stream, block);
+    if (OP == FILL_Z)
+      z_lanes(r, DIST, val);
+    else
+      v_lanes(r, val);
+    float* out = static_cast<float*>(t.dst);
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l)
+      if (live[l]) out[base + l] = val[l];
+    return;
+  }
+
+  float x[4] = {0.f, 0.f, 0.f, 0.f};
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l)
+    if (live[l]) x[l] = load_as_f32<OP == SROUND ? (int)F32 : DT>(t.src, base + l);
+
+  if (OP == PERTURB) {
+    float z[4];
+    z_lanes(contract_block(p.seed, t.key, p.query, STREAM_Z, block), DIST, z);
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l) x[l] = perturbed(x[l], z[l], p.scale);
+  } else if (OP == UPDATE) {
+    float z[4], acc[4] = {0.f, 0.f, 0.f, 0.f};
+    if (p.restore) {
+      z_lanes(contract_block(p.seed, t.key, p.restore_query, STREAM_Z, block), DIST, z);
+ZO_UNROLL
+      for (int l = 0; l < 4; ++l) x[l] = perturbed(x[l], z[l], p.restore_scale);
+    }
+    for (int q = 0; q < p.n_coeffs; ++q) {
+      const float c = p.coeffs[q];
+      z_lanes(contract_block(p.seed, t.key, (uint32_t)q, STREAM_Z, block), DIST, z);
+ZO_UNROLL
+      for (int l = 0; l < 4; ++l) acc[l] = q ? f_add(acc[l], f_mul(z[l], c)) : f_mul(z[l], c);
+    }
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l) x[l] = updated(x[l], acc[l], t.lr, t.wd);
+  }
+
+  if (DT == F32) {
+    float* out = static_cast<float*>(t.dst);
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l)
+      if (live[l]) out[base + l] = x[l];
+    return;
+  }
+  uint16_t* out = static_cast<uint16_t*>(t.dst);
+  if (STOCH || OP == SROUND) {
+    // Rounding uniforms: stochastic_round draws p.stream at p.query; perturb draws sr_stream at the
+    // probe's query; the update draws sr_stream at query 0.
+    const uint32_t q = OP == UPDATE ? 0u : p.query;
+    const uint32_t s = OP == SROUND ? p.stream : p.sr_stream;
+    float v[4];
+    v_lanes(contract_block(p.seed, t.key, q, s, block), v);
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l)
+      if (live[l]) out[base + l] = stochastic_round<DT>(x[l], v[l]);
+  } else {
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l)
+      if (live[l]) out[base + l] = round_nearest<DT>(x[l]);
+  }
+}
+
+// Number of Philox blocks covering elements [offset, offset + numel), numel > 0.
+ZO_HD int64_t philox_blocks(uint64_t offset, int64_t numel) {
+  return (int64_t)(((offset + (uint64_t)numel - 1u) >> 2) - (offset >> 2) + 1u);
+}
+
+// Calls f(std::integral_constant<int, OP>, ..<DT>, ..<DIST>, ..<STOCH>) for the runtime values, over the
+// combinations the ops use; returns false for a combination that does not exist.
+template <class F>
+bool dispatch(int op, int dt, int dist, bool stoch, F&& f) {
+  using std::integral_constant;
+  auto with_dist = [&](auto op_c, auto dt_c, auto st_c) {
+    if (dist == GAUSSIAN)
+      f(op_c, dt_c, integral_constant<int, GAUSSIAN>{}, st_c);
+    else
+      f(op_c, dt_c, integral_constant<int, RADEMACHER>{}, st_c);
+    return true;
+  };
+  auto with_dtype = [&](auto op_c) {
+    if (dt == F32) return with_dist(op_c, integral_constant<int, F32>{}, std::false_type{});
+    if (dt == BF16)
+      return stoch ? with_dist(op_c, integral_constant<int, BF16>{}, std::true_type{})
+                   : with_dist(op_c, integral_constant<int, BF16>{}, std::false_type{});
+    if (dt == F16)
+      return stoch ? with_dist(op_c, integral_constant<int, F16>{}, std::true_type{})
+                   : with_dist(op_c, integral_constant<int, F16>{}, std::false_type{});
+    return false;
+  };
+  switch (op) {
+    case FILL_Z:
+      return dt == F32 && with_dist(integral_constant<int, FILL_Z>{}, integral_constant<int, F32>{},
+                                    std::false_type{});
+    case FILL_U:
+      if (dt != F32) return false;
+      f(integral_constant<int, FILL_U>{}, integral_constant<int, F32>{}, integral_constant<int, GAUSSIAN>{},
+        std::false_type{});
+      return true;
+    case SROUND:
+      if (dt == BF16)
+        f(integral_constant<int, SROUND>{}, integral_constant<int, BF16>{}, integral_constant<int, GAUSSIAN>{},
+          std::true_type{});
+      else if (dt == F16)
+        f(integral_constant<int, SROUND>{}, integral_constant<int, F16>{}, integral_constant<int, GAUSSIAN>{},
+          std::true_type{});
+      else
+        return false;
+      return true;
+    case PERTURB:
+      return with_dtype(integral_constant<int, PERTURB>{});
+    case UPDATE:
+      return with_dtype(integral_constant<int, UPDATE>{});
+    default:
+      return false;
+  }
+}
+
+}  // namespace zo

@@ -1,0 +1,38 @@
+// Device-side API of the extension, in plain C++ (no CUDA types) so that the pybind11 module can be
+// compiled by g++ without CUDA headers. Every function returns nullptr on success or a static/thread-local
+// error message.
+#pragma once
+
+#include <stdint.h>
+
+namespace zo {
+
+constexpr int THREADS = 256;        // threads per CUDA block
+constexpr int CHUNK_BLOCKS = 2048;  // Philox blocks (8192 elements) per CUDA block
+
+// Number of CUDA devices visible to this extension's runtime (0 with no driver/GPU); *err set on failure.
+int device_count(const char** err);
+
+// nullptr if the kernels can run on `device` (driver new enough, a kernel image for its architecture).
+const char* probe_device(int device);
+
+struct LaunchArgs {
+  int op, dtype, dist, stochastic;
+  const int64_t* table;  // device pointer: int64 [n_tensors, TABLE_COLS]
+  int n_tensors;
+  int64_t n_chunks;      // CUDA blocks: sum over tensors of ceil(philox_blocks / CHUNK_BLOCKS)
+  uint64_t seed;
+  float scale;
+  uint32_t query, stream, sr_stream;
+  const float* coeffs;   // device pointer, n_coeffs floats (update)
+  int n_coeffs;
+  int restore;
+  float restore_scale;
+  uint32_t restore_query;
+  int device;
+  uintptr_t cuda_stream;
+};
+
+const char* launch(const LaunchArgs& a);
+
+}  // namespace zo

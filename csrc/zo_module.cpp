@@ -1,0 +1,191 @@
+// zokernels._cuda: pybind11 module. Tensors cross as raw pointers (Python ints), dtype tags (0 float32,
+// 1 bfloat16, 2 float16) and the CUDA stream as an int, so the module does not link libtorch.
+// host_* functions run the shared element code (zo_block.cuh) on the CPU for bitwise tests.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+#include "zo_block.cuh"
+#include "zo_launch.h"
+
+namespace py = pybind11;
+
+namespace {
+
+void check_common(int64_t n, uint64_t offset, uint32_t query, uint32_t stream) {
+  if (n < 0) throw py::value_error("numel must be >= 0");
+  if (offset + (uint64_t)n > (1ull << 50)) throw py::value_error("element indices must stay below 2^50");
+  if (query >= 4096u) throw py::value_error("query must be < 4096");
+  if (stream >= 16u) throw py::value_error("stream must be < 16");
+}
+
+void run_host(int op, int dtype, int dist, bool stochastic, const zo::TensorDesc& t, const zo::OpParams& p) {
+  if (t.numel == 0) return;
+  const int64_t n_blocks = zo::philox_blocks(t.offset, t.numel);
+  const uint64_t block0 = t.offset >> 2;
+  const bool known = zo::dispatch(op, dtype, dist, stochastic, [&](auto op_c, auto dt_c, auto dist_c, auto st_c) {
+    for (int64_t b = 0; b < n_blocks; ++b)
+      zo::process_block<decltype(op_c)::value, decltype(dt_c)::value, decltype(dist_c)::value,
+                        decltype(st_c)::value>(t, p, block0 + (uint64_t)b);
+  });
+  if (!known) throw py::value_error("unsupported op/dtype/dist combination");
+}
+
+zo::TensorDesc desc(uintptr_t src, uintptr_t dst, int64_t n, uint64_t key, uint64_t offset, float lr = 0.f,
+                    float wd = 0.f) {
+  return zo::TensorDesc{reinterpret_cast<const void*>(src), reinterpret_cast<void*>(dst), n, key, offset, lr, wd};
+}
+
+zo::OpParams params(uint64_t seed) {
+  zo::OpParams p{};
+  p.seed = seed;
+  return p;
+}
+
+void host_philox(uintptr_t counters, int64_t n, uint32_t k0, uint32_t k1, uintptr_t out) {
+  const uint32_t* c = reinterpret_cast<const uint32_t*>(counters);
+  uint32_t* o = reinterpret_cast<uint32_t*>(out);
+  for (int64_t i = 0; i < n; ++i) {
+    const zo::U4 r = zo::philox4x32_10(zo::U4{c[4 * i], c[4 * i + 1], c[4 * i + 2], c[4 * i + 3]}, k0, k1);
+    o[4 * i] = r.x;
+    o[4 * i + 1] = r.y;
+    o[4 * i + 2] = r.z;
+    o[4 * i + 3] = r.w;
+  }
+}
+
+void host_perturbation(uintptr_t out, int64_t n, uint64_t seed, uint64_t key, uint32_t query, uint32_t stream,
+                       int dist, uint64_t offset) {
+  check_common(n, offset, query, stream);
+  zo::OpParams p = params(seed);
+  p.query = query;
+  p.stream = stream;
+  run_host(zo::FILL_Z, zo::F32, dist, false, desc(0, out, n, key, offset), p);
+}
+
+void host_uniform(uintptr_t out, int64_t n, uint64_t seed, uint64_t key, uint32_t query, uint32_t stream,
+                  uint64_t offset) {
+  check_common(n, offset, query, stream);
+  zo::OpParams p = params(seed);
+  p.query = query;
+  p.stream = stream;
+  run_host(zo::FILL_U, zo::F32, zo::GAUSSIAN, false, desc(0, out, n, key, offset), p);
+}
+
+void host_stochastic_round(uintptr_t x, uintptr_t out, int64_t n, int dtype, uint64_t seed, uint64_t key,
+                           uint32_t query, uint32_t stream, uint64_t offset) {
+  check_common(n, offset, query, stream);
+  zo::OpParams p = params(seed);
+  p.query = query;
+  p.stream = stream;
+  run_host(zo::SROUND, dtype, zo::GAUSSIAN, true, desc(x, out, n, key, offset), p);
+}
+
+void host_round_nearest(uintptr_t x, uintptr_t out, int64_t n, int dtype) {
+  const float* src = reinterpret_cast<const float*>(x);
+  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
+  if (dtype != zo::BF16 && dtype != zo::F16) throw py::value_error("dtype tag must be 1 (bf16) or 2 (fp16)");
+  for (int64_t i = 0; i < n; ++i)
+    dst[i] = dtype == zo::BF16 ? zo::round_nearest<zo::BF16>(src[i]) : zo::round_nearest<zo::F16>(src[i]);
+}
+
+void host_perturb(uintptr_t src, uintptr_t dst, int64_t n, int dtype, uint64_t seed, uint64_t key, uint64_t offset,
+                  float scale, uint32_t query, int dist, bool stochastic, uint32_t sr_stream) {
+  check_common(n, offset, query, sr_stream);
+  zo::OpParams p = params(seed);
+  p.scale = scale;
+  p.query = query;
+  p.sr_stream = sr_stream;
+  run_host(zo::PERTURB, dtype, dist, stochastic && dtype != zo::F32, desc(src, dst, n, key, offset), p);
+}
+
+void host_zo_update(uintptr_t ptr, int64_t n, int dtype, uint64_t seed, uint64_t key, uint64_t offset,
+                    const std::vector<float>& coeffs, float lr, float wd, int dist, bool stochastic,
+                    uint32_t sr_stream, py::object restore_scale, uint32_t restore_query) {
+  check_common(n, offset, restore_query, sr_stream);
+  if (coeffs.size() > 4096) throw py::value_error("at most 4096 queries");
+  zo::OpParams p = params(seed);
+  p.sr_stream = sr_stream;
+  p.coeffs = coeffs.data();
+  p.n_coeffs = (int)coeffs.size();
+  p.restore = !restore_scale.is_none();
+  p.restore_scale = p.restore ? restore_scale.cast<float>() : 0.f;
+  p.restore_query = restore_query;
+  run_host(zo::UPDATE, dtype, dist, stochastic && dtype != zo::F32, desc(ptr, ptr, n, key, offset, lr, wd), p);
+}
+
+int device_count() {
+  const char* err = nullptr;
+  return zo::device_count(&err);
+}
+
+std::string probe(int device) {
+  const char* err = zo::probe_device(device);
+  return err ? std::string(err) : std::string();
+}
+
+void launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
+            uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream, uintptr_t coeffs,
+            int n_coeffs, bool restore, float restore_scale, uint32_t restore_query, int device,
+            uintptr_t cuda_stream) {
+  zo::LaunchArgs a{};
+  a.op = op;
+  a.dtype = dtype;
+  a.dist = dist;
+  a.stochastic = stochastic ? 1 : 0;
+  a.table = reinterpret_cast<const int64_t*>(table);
+  a.n_tensors = n_tensors;
+  a.n_chunks = n_chunks;
+  a.seed = seed;
+  a.scale = scale;
+  a.query = query;
+  a.stream = stream;
+  a.sr_stream = sr_stream;
+  a.coeffs = reinterpret_cast<const float*>(coeffs);
+  a.n_coeffs = n_coeffs;
+  a.restore = restore ? 1 : 0;
+  a.restore_scale = restore_scale;
+  a.restore_query = restore_query;
+  a.device = device;
+  a.cuda_stream = cuda_stream;
+  const char* err = zo::launch(a);
+  if (err) throw std::runtime_error(std::string("zokernels CUDA backend: ") + err);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "zokernels CUDA kernels (raw pointers, no libtorch) and their host twins for CPU tests";
+  m.attr("CONTRACT_VERSION") = 1;
+  m.attr("THREADS") = zo::THREADS;
+  m.attr("CHUNK_BLOCKS") = zo::CHUNK_BLOCKS;
+  m.attr("TABLE_COLS") = (int)zo::TABLE_COLS;
+  m.attr("OPS") = py::dict(py::arg("fill_perturbation") = (int)zo::FILL_Z, py::arg("fill_uniform") = (int)zo::FILL_U,
+                           py::arg("stochastic_round") = (int)zo::SROUND, py::arg("perturb") = (int)zo::PERTURB,
+                           py::arg("zo_update") = (int)zo::UPDATE);
+  m.def("host_philox", &host_philox, py::arg("counters"), py::arg("n"), py::arg("k0"), py::arg("k1"), py::arg("out"));
+  m.def("host_perturbation", &host_perturbation, py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("key"),
+        py::arg("query"), py::arg("stream"), py::arg("dist"), py::arg("offset"));
+  m.def("host_uniform", &host_uniform, py::arg("out"), py::arg("n"), py::arg("seed"), py::arg("key"),
+        py::arg("query"), py::arg("stream"), py::arg("offset"));
+  m.def("host_stochastic_round", &host_stochastic_round, py::arg("x"), py::arg("out"), py::arg("n"),
+        py::arg("dtype"), py::arg("seed"), py::arg("key"), py::arg("query"), py::arg("stream"), py::arg("offset"));
+  m.def("host_round_nearest", &host_round_nearest, py::arg("x"), py::arg("out"), py::arg("n"), py::arg("dtype"));
+  m.def("host_perturb", &host_perturb, py::arg("src"), py::arg("dst"), py::arg("n"), py::arg("dtype"),
+        py::arg("seed"), py::arg("key"), py::arg("offset"), py::arg("scale"), py::arg("query"), py::arg("dist"),
+        py::arg("stochastic"), py::arg("sr_stream"));
+  m.def("host_zo_update", &host_zo_update, py::arg("ptr"), py::arg("n"), py::arg("dtype"), py::arg("seed"),
+        py::arg("key"), py::arg("offset"), py::arg("coeffs"), py::arg("lr"), py::arg("wd"), py::arg("dist"),
+        py::arg("stochastic"), py::arg("sr_stream"), py::arg("restore_scale") = py::none(),
+        py::arg("restore_query") = 0);
+  m.def("device_count", &device_count, "CUDA devices visible (0 without driver or GPU)");
+  m.def("probe", &probe, py::arg("device"), "'' if the kernels can run on the device, else the CUDA error");
+  m.def("launch", &launch, py::arg("op"), py::arg("dtype"), py::arg("dist"), py::arg("stochastic"),
+        py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("seed"), py::arg("scale"),
+        py::arg("query"), py::arg("stream"), py::arg("sr_stream"), py::arg("coeffs"), py::arg("n_coeffs"),
+        py::arg("restore"), py::arg("restore_scale"), py::arg("restore_query"), py::arg("device"),
+        py::arg("cuda_stream"));
+}

@@ -1,0 +1,38 @@
+"""Runs every CUDA-backend op once over odd sizes, offsets >= 2^32 and every dtype, for tools that watch
+kernels from outside:
+
+    compute-sanitizer --tool memcheck --error-exitcode 3 python -m zokernels.backends.cuda.selfcheck
+    compute-sanitizer --tool racecheck python -m zokernels.backends.cuda.selfcheck
+"""
+from __future__ import annotations
+
+import torch
+
+from ... import contract as C
+from ... import ops
+
+
+def main() -> None:
+    sizes = [278011, 1037, 1, 4099, 3]
+    offsets = [(1 << 32) + 3, 5, (1 << 40) + 1, 0, (1 << 49) + 2]
+    keys = [C.param_key(f"p{i}") for i in range(len(sizes))]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        params = [torch.randn(n, device="cuda").to(dtype) for n in sizes]
+        for rounding in ("nearest", "stochastic"):
+            for dist in ("gaussian", "rademacher"):
+                kw = dict(dist=dist, offsets=offsets, rounding=rounding, backend="cuda")
+                ops.perturb_(params, 1, 1e-3, keys, query=2, **kw)
+                ops.perturbed_copy(params, 1, -1e-3, keys, query=2, **kw)
+                ops.zo_update_(params, 1, keys, (0.5, -0.5), 1e-3, 0.01, restore_scale=-1e-3, restore_query=2,
+                               **kw)
+        if dtype != torch.float32:
+            ops.stochastic_round(torch.randn(4099, device="cuda"), dtype, 1, 2, 0, (1 << 32) + 1, backend="cuda")
+    for dist in ("gaussian", "rademacher"):
+        ops.perturbation((4099,), 1, 2, 0, dist, 3, device="cuda", backend="cuda")
+    ops.uniform((4099,), 1, 2, 0, 3, device="cuda", backend="cuda")
+    torch.cuda.synchronize()
+    print("zokernels CUDA selfcheck: all ops ran")
+
+
+if __name__ == "__main__":
+    main()
