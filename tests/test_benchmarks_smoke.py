@@ -1,0 +1,152 @@
+"""CPU smoke test of the benchmark suite: the timed functions do what they claim (checked against
+the contract's z and torch's seeded normal), and the harness entry point writes complete results.
+No performance thresholds here: those are evaluated by `python -m benchmarks` on a GPU."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from benchmarks import report, run
+from benchmarks.baselines import ForeachZO, MeZO
+from benchmarks.ours import OursInPlace
+from benchmarks.shapes import big_tensor, llama7b, make_params, opt1_3b
+from zokernels import ops
+from zokernels.contract import param_key
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+N = 50_021  # ~50K elements, odd: exercises the tail of a Philox block
+SEED, EPS, LR, G = 1234, 1e-3, 1e-2, 0.75
+
+
+def _bench(benchmark, fn):
+    """A few rounds only: the reference backend is slow and CI has two cores."""
+    return benchmark.pedantic(fn, rounds=3, iterations=1, warmup_rounds=1)
+
+
+def _contract_z(name: str, like: torch.Tensor) -> torch.Tensor:
+    return ops.perturbation(like, SEED, param_key(name), backend="reference")
+
+
+def test_shape_sets_match_the_real_models():
+    assert llama7b().numel == 6_738_415_616          # LLaMA-7B's published parameter count
+    assert opt1_3b().numel == 1_315_758_080          # OPT-1.3B (lm_head tied to the embedding)
+    assert len(llama7b(layer_scale=0.25).params) == 2 + 8 * 9 + 1
+
+
+def test_perturb_reference(benchmark):
+    params = make_params(big_tensor(N), torch.float32, torch.device("cpu"), seed=1)
+    p0 = params[0][1].detach().clone()
+    ours = OursInPlace(params, EPS, LR, backend="reference")
+    ours.perturb(SEED, EPS)
+    torch.testing.assert_close(params[0][1].data, p0 + EPS * _contract_z("big.weight", p0), rtol=0, atol=1e-7)
+
+    def round_trip():
+        ours.perturb(SEED, -EPS)
+        ours.perturb(SEED, EPS)
+
+    _bench(benchmark, round_trip)
+    torch.testing.assert_close(params[0][1].data, p0 + EPS * _contract_z("big.weight", p0), rtol=0, atol=1e-6)
+
+
+def test_restore_update_reference(benchmark):
+    params = make_params(big_tensor(N), torch.float32, torch.device("cpu"), seed=2)
+    p0 = params[0][1].detach().clone()
+    ours = OursInPlace(params, EPS, LR, backend="reference")
+    calls = [0]
+
+    def probe_end_then_update():  # in-place probe ends at theta - eps z; the update restores it
+        ours.perturb(SEED, -EPS)
+        ours.update(SEED, G)
+        calls[0] += 1
+
+    _bench(benchmark, probe_end_then_update)
+    expected = p0 - calls[0] * LR * G * _contract_z("big.weight", p0)
+    torch.testing.assert_close(params[0][1].data, expected, rtol=0, atol=1e-6)
+
+
+def _mezo_z(params) -> list[torch.Tensor]:
+    torch.manual_seed(SEED)  # MeZO seeds once per sweep and draws z parameter after parameter
+    return [torch.normal(mean=0, std=1, size=p.size(), dtype=p.dtype) for _, p in params]
+
+
+def test_mezo_baseline(benchmark):
+    params = make_params(llama7b(layer_scale=0.01, width_div=128), torch.float32, torch.device("cpu"), seed=3)
+    p0 = [p.detach().clone() for _, p in params]
+    mezo = MeZO(params, EPS, LR, weight_decay=0.0)
+    calls = [0]
+
+    def sweeps():
+        mezo.sweeps(SEED, G)
+        calls[0] += 1
+
+    _bench(benchmark, sweeps)
+    for (_, p), a, z in zip(params, p0, _mezo_z(params)):
+        torch.testing.assert_close(p.data, a - calls[0] * LR * G * z, rtol=0, atol=1e-6)
+
+
+def test_foreach_baseline_matches_mezo_math():
+    params = make_params(llama7b(layer_scale=0.01, width_div=128), torch.float32, torch.device("cpu"), seed=4)
+    p0 = [p.detach().clone() for _, p in params]
+    fe = ForeachZO([p.data for _, p in params], EPS, LR)
+    fe.sweeps(SEED, G)
+    gen = torch.Generator().manual_seed(SEED)
+    for (_, p), a in zip(params, p0):
+        z = torch.empty_like(a).normal_(generator=gen)
+        torch.testing.assert_close(p.data, a - LR * G * z, rtol=0, atol=1e-6)
+
+
+def test_harness_cpu_quick(tmp_path):
+    out = tmp_path / "results"
+    rc = run.main(["--device", "cpu", "--quick", "--out", str(out), "--threads", "1", "--dtypes", "bf16",
+                   "--models", "llama-7b", "--big-sizes", "4096", "--e2e-models", "llama-7b", "--repeats", "2",
+                   "--e2e-seq", "8"])
+    assert rc == 0
+    files = sorted(os.listdir(out))
+    stems = {os.path.splitext(f)[0] for f in files}
+    assert len(stems) == 1 and {os.path.splitext(f)[1] for f in files} == {".json", ".md", ".png"}, files
+    stem = os.path.join(out, stems.pop())
+    data = json.load(open(stem + ".json"))
+    assert data["errors"] == [], data["errors"]
+    meta = data["meta"]
+    for key in ("device_name", "driver_version", "torch", "triton", "transformers", "date", "command", "wall_s"):
+        assert key in meta, key
+    assert os.path.basename(stem).endswith(meta["date"])
+    assert data["copy_bandwidth"]["gbps"] > 0
+    assert {r["backend"] for r in data["rng"]} >= {"torch", "reference"}
+    kernels = {(r["impl"], r["kernel"]) for r in data["micro"]}
+    for k in [("ours", "perturb_"), ("ours", "zo_update_ restore+update"), ("ours", "zo_update_ q=4"),
+              ("ours", "zo_update_ restore+update SR"), ("ours", "perturbed_copy (per tensor)"),
+              ("ours", "step sweeps in-place"), ("ours", "step sweeps drift-free"), ("mezo", "step sweeps"),
+              ("foreach", "step sweeps")]:
+        assert k in kernels, k
+    for r in data["micro"]:
+        assert r["median_ms"] > 0 and r["p10_ms"] <= r["median_ms"] <= r["p90_ms"]
+        assert r["gbps"] == pytest.approx(r["bytes"] / (r["median_ms"] * 1e-3) / 1e9)
+        assert r["bytes"] % r["param_bytes"] == 0 and r["bytes_formula"]
+    e2e = {r["impl"] for r in data["e2e"]}
+    assert {"forward (no_grad, with loss)", "mezo", "ours-ops", "first-order AdamW"} <= e2e, e2e
+    zo = [r for r in data["e2e"] if r["impl"] in ("mezo", "ours-ops", "ZOSGD")]
+    assert all(r["outside_forward_ms"] == pytest.approx(r["median_ms"] - 2 * r["forward_ms"]) for r in zo)
+    names = {t["target"] for t in data["targets"]}
+    assert {"perturb_ bandwidth vs copy", "ZO step time outside the 2 forwards",
+            "whole ZO step speedup over MeZO"} <= names, names
+    for t in data["targets"]:
+        assert set(t) == {"target", "scope", "goal", "measured", "unit", "pass", "margin"}
+    md = open(stem + ".md").read()
+    assert meta["device_name"] in md and "## Targets" in md and "## End to end" in md
+    with open(stem + ".png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    table = report.readme_table(str(out))
+    assert meta["device_name"] in table and os.path.basename(stem) + ".json" in table
+
+
+def test_script_entry_point_help():
+    proc = subprocess.run([sys.executable, os.path.join("benchmarks", "run.py"), "--help"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "--quick" in proc.stdout and "--only" in proc.stdout
