@@ -1,0 +1,349 @@
+"""Triton backend against the reference backend (the executable contract) and float64 math.
+
+On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), so tensors stay
+small (<= ~4K elements each). Integers (Philox words, uniforms, Rademacher signs) must be bit-identical.
+Gaussian z may differ from the reference by a few float32 ulps (different log/sin/cos implementations:
+numpy under the interpreter, libdevice on GPU, torch in the reference); with Rademacher z every op must
+be bitwise identical, which pins the float32 operation order and the rounding code exactly.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zokernels as Z
+from zokernels import contract as C
+
+P = importlib.import_module("zokernels.backends.reference.philox")  # the package's philox() shadows the name
+
+pytest.importorskip("triton")
+from zokernels.backends import triton as TB  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf - inf inside the interpreter
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+SEED = 0x0123456789ABCDEF
+KEY = 0xDEADBEEFCAFEBABE
+SIZES = [1037, 4099, 3, 2048, 777]
+OFFSETS = [0, 5, 2**32 + 3, 2**40 + 1, 1]
+KEYS = [C.MASK64, C.param_key("model.layers.1.weight"), 0, 2**63, 2**63 - 1]  # int64 bit patterns of both signs
+LRS = [1e-2, 2e-2, 3e-3, 1e-1, 5e-2]
+WDS = [0.0, 0.01, 0.1, 0.0, 0.05]
+
+KAT = [
+    ((0, 0, 0, 0), (0, 0), (0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8)),
+    ((C.MASK32,) * 4, (C.MASK32, C.MASK32), (0x408F276D, 0x41C83B0E, 0xA20BC7C6, 0x6D5451FD)),
+    ((0x243F6A88, 0x85A308D3, 0x13198A2E, 0x03707344), (0xA4093822, 0x299F31D0),
+     (0xD16CFE09, 0x94FDCCEB, 0x5001E420, 0x24126EA1)),
+]
+
+
+def launches() -> int:
+    return sum(TB.LAUNCHES.values())
+
+
+def bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view({4: torch.int32, 2: torch.int16}[t.element_size()])
+
+
+def params(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
+    """Mixed odd sizes: three views into one flat buffer (pointer deltas inside one allocation) and two
+    separate tensors (deltas between allocations)."""
+    g = torch.Generator().manual_seed(seed)
+    flat = (torch.randn(sum(SIZES[:3]), generator=g) * 0.5).to(DEVICE, dtype)
+    rest = [(torch.randn(n, generator=g) * 0.5).to(DEVICE, dtype) for n in SIZES[3:]]
+    return list(torch.split(flat, SIZES[:3])) + rest
+
+
+def test_module_is_usable_here():
+    assert TB.NAME == "triton"
+    assert TB.unavailable_reason(DEVICE) is None
+
+
+# ----------------------------------------------------------------------------- Philox
+def test_philox_known_answers():
+    for ctr, key, want in KAT:
+        before = TB.LAUNCHES["philox_kernel"]
+        got = Z.philox4x32(torch.tensor([ctr], dtype=torch.int64, device=DEVICE), key, backend="triton")
+        assert tuple(got[0].tolist()) == want
+        assert TB.LAUNCHES["philox_kernel"] == before + 1
+
+
+def test_philox_random_counters_match_reference():
+    g = torch.Generator().manual_seed(1)
+    ctr = torch.randint(0, 2**32, (517, 4), generator=g, dtype=torch.int64).to(DEVICE)
+    key = (0x9E3779B9, 0xFFFFFFFF)
+    assert torch.equal(Z.philox4x32(ctr, key, backend="triton"), Z.philox4x32(ctr, key, backend="reference"))
+
+
+# ----------------------------------------------------------------------------- z, v, stochastic rounding
+CASES = [(1037, 0), (4099, 3), (1001, 6), (5, 1), (1000, 2**32 + 3), (1000, 2**40 + 1)]
+
+
+def gaussian_float64(n: int, offset: int, seed: int, key: int, query: int, stream: int) -> torch.Tensor:
+    """Box-Muller in float64 from the contract's exact float32 uniforms and float32 angle 2pi * u (an
+    exactly specified float32 product): the precise value of z."""
+    first = offset >> 2
+    nb = ((offset + n - 1) >> 2) - first + 1
+    r = P.block_words(first, nb, seed, key, query, stream, torch.device("cpu"))
+    u = [P.open_unit(w) for w in r]
+    t1, t3 = (u[1] * C.TWO_PI_F32).double(), (u[3] * C.TWO_PI_F32).double()
+    u = [w.double() for w in u]
+    r0, r2 = (-2 * u[0].log()).sqrt(), (-2 * u[2].log()).sqrt()
+    return P.lanes_to_elements((r0 * t1.cos(), r0 * t1.sin(), r2 * t3.cos(), r2 * t3.sin()), offset & 3, n)
+
+
+@pytest.mark.parametrize("n,offset", CASES)
+def test_gaussian_matches_reference_and_float64(n, offset):
+    args = dict(seed=SEED, key=KEY, query=7, dist="gaussian", offset=offset, device=DEVICE)
+    got = Z.perturbation((n,), backend="triton", **args)
+    ref = Z.perturbation((n,), backend="reference", **args)
+    assert (got - ref).abs().max().item() <= 1e-5
+    exact = gaussian_float64(n, offset, SEED, KEY, 7, C.STREAM_Z)
+    ulps = (got.cpu().double() - exact).abs() / (torch.finfo(torch.float32).eps * exact.abs().clamp_min(2**-10))
+    assert ulps.max().item() <= 3  # measured under the interpreter: <= 1.6 (reference backend: <= 1.5)
+
+
+@pytest.mark.parametrize("n,offset", CASES)
+def test_rademacher_and_uniform_bit_identical(n, offset):
+    args = dict(seed=SEED, key=KEY, query=3, offset=offset, device=DEVICE)
+    r_tri = Z.perturbation((n,), dist="rademacher", backend="triton", **args)
+    r_ref = Z.perturbation((n,), dist="rademacher", backend="reference", **args)
+    assert torch.equal(bits(r_tri), bits(r_ref))
+    v_tri = Z.uniform((n,), stream=C.STREAM_PROBE_SR_NEG, backend="triton", **args)
+    v_ref = Z.uniform((n,), stream=C.STREAM_PROBE_SR_NEG, backend="reference", **args)
+    assert torch.equal(bits(v_tri), bits(v_ref))
+
+
+def test_streams_queries_and_keys_change_the_draws():
+    base = dict(seed=SEED, key=KEY, query=1, offset=0, device=DEVICE, backend="triton")
+    z = Z.perturbation((64,), **base)
+    for change in (dict(query=2), dict(key=KEY ^ 1), dict(seed=SEED + 1), dict(stream=C.STREAM_ACT_SR)):
+        assert not torch.equal(z, Z.perturbation((64,), **{**base, **change}))
+
+
+def special_values(n: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(n, generator=g) * torch.logspace(-30, 30, n).clamp_max(1e4)
+    specials = [float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 7e4, -65519.0, 65504.0, 65520.0, 1e-8,
+                -6e-8, 3.3e38, -3.39e38, 1e-40, 2.0**-149, 1.0 + 2.0**-8, 1.0 - 2.0**-12]
+    x[:len(specials)] = torch.tensor(specials)
+    x[100::97] = float("nan")
+    return x.to(DEVICE)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_stochastic_round_bitwise(dtype):
+    x = special_values(4099)
+    got = Z.stochastic_round(x, dtype, SEED, KEY, query=2, offset=11, backend="triton")
+    ref = Z.stochastic_round(x, dtype, SEED, KEY, query=2, offset=11, backend="reference")
+    nan = torch.isnan(x)
+    assert torch.isnan(got[nan]).all()  # NaN payload bits are implementation-defined (torch CPU: 0xFFFF)
+    assert torch.equal(bits(got)[~nan], bits(ref)[~nan])
+    assert (got.float() != x)[~nan].any()  # really rounded
+
+
+# ----------------------------------------------------------------------------- multi-tensor ops
+def run_op(op: str, backend: str, tensors, dist: str, rounding: str):
+    """Apply op to `tensors` (in place or returning outs); return the resulting tensors."""
+    common = dict(keys=KEYS, offsets=OFFSETS, dist=dist, rounding=rounding, backend=backend)
+    if op == "perturb":
+        Z.perturb_(tensors, SEED, 1e-3, query=2, sr_stream=C.STREAM_PROBE_SR_POS, **common)
+        return tensors
+    if op == "copy":
+        return Z.perturbed_copy(tensors, SEED, -1e-3, query=2, sr_stream=C.STREAM_PROBE_SR_NEG, **common)
+    if op == "update1":
+        Z.zo_update_(tensors, SEED, coeffs=[0.7], lr=1e-2, weight_decay=0.0, **common)
+    elif op == "update4_restore":
+        Z.zo_update_(tensors, SEED, coeffs=[0.7, -1.3, 0.25, 2.0], lr=LRS, weight_decay=WDS,
+                     restore_scale=-1e-3, restore_query=1, **common)
+    elif op == "update2_wd":
+        Z.zo_update_(tensors, SEED, coeffs=[-0.4, 1.1], lr=LRS, weight_decay=0.1, **common)
+    return tensors
+
+
+OPS = ["perturb", "copy", "update1", "update4_restore", "update2_wd"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def both(op, dtype, dist, rounding):
+    base = params(dtype)
+    n0 = launches()
+    got = run_op(op, "triton", [t.clone() for t in base], dist, rounding)
+    assert launches() == n0 + 1, "one launch per (device, dtype) group"
+    ref = run_op(op, "reference", [t.clone() for t in base], dist, rounding)
+    if op == "copy":
+        assert all(torch.equal(bits(a), bits(b)) for a, b in zip(base, params(dtype))), "input modified"
+    return base, got, ref
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_ops_bitwise_with_rademacher(op, dtype, rounding):
+    base, got, ref = both(op, dtype, "rademacher", rounding)
+    for a, b, t in zip(got, ref, base):
+        assert a.dtype == dtype and a.shape == t.shape
+        assert torch.equal(bits(a), bits(b))
+    assert any(not torch.equal(bits(a), bits(t)) for a, t in zip(got, base)), "op changed nothing"
+
+
+@pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("op", OPS)
+def test_ops_match_reference_gaussian(op, dtype, rounding):
+    _, got, ref = both(op, dtype, "gaussian", rounding)
+    same = total = 0
+    for a, b in zip(got, ref):
+        if dtype == torch.float32:
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+        else:  # a <= 1e-5 difference in z may move a value across a rounding boundary: at most 1 ulp
+            ulps = (bits(a).int() - bits(b).int()).abs()
+            assert ulps.max().item() <= 1
+        same += torch.equal(bits(a), bits(b)) if a.numel() < 8 else (bits(a) == bits(b)).sum().item()
+        total += 1 if a.numel() < 8 else a.numel()
+    if dtype != torch.float32:
+        assert same >= 0.99 * total
+
+
+@pytest.mark.parametrize("dtype,half_ulp", [(torch.bfloat16, 2.0**-8), (torch.float16, 2.0**-11)])
+def test_round_to_nearest_ties_overflow_and_nan(dtype, half_ulp):
+    """theta in [1, 2) and scale * z = +-half an ulp: every element is an exact tie (round half to even);
+    the interpreter's own bf16 cast truncates, so this pins the integer rounding code."""
+    g = torch.Generator().manual_seed(5)
+    theta = (1 + torch.rand(4099, generator=g)).to(dtype)
+    big = torch.finfo(dtype).max
+    theta[:6] = torch.tensor([big, -big, float("nan"), float("inf"), -float("inf"), 0.0]).to(dtype)
+    theta = theta.to(DEVICE)
+    outs = {}
+    for backend in ("triton", "reference"):
+        outs[backend] = Z.perturbed_copy(theta, SEED, half_ulp, KEY, dist="rademacher", rounding="nearest",
+                                         backend=backend)
+    got, ref = outs["triton"], outs["reference"]
+    nan = torch.isnan(ref)
+    assert torch.equal(torch.isnan(got), nan) and nan.any()
+    assert torch.equal(bits(got)[~nan], bits(ref)[~nan])
+    assert (got[6:] != theta[6:]).any() and (got[6:] == theta[6:]).any()  # ties went both ways
+
+
+def test_mixed_dtypes_launch_once_per_group():
+    a, b = params(torch.float32), params(torch.bfloat16)
+    mixed = [a[0], b[1], a[3], b[4]]
+    ref = [t.clone() for t in mixed]
+    keys = [KEYS[0], KEYS[1], KEYS[3], KEYS[4]]
+    n0 = launches()
+    Z.perturb_(mixed, SEED, 1e-2, keys, dist="rademacher", backend="triton")
+    assert launches() == n0 + 2
+    Z.perturb_(ref, SEED, 1e-2, keys, dist="rademacher", backend="reference")
+    assert all(torch.equal(bits(x), bits(y)) for x, y in zip(mixed, ref))
+    n0 = launches()
+    Z.zo_update_(mixed, SEED, keys, [0.3, -0.2], 1e-2, dist="rademacher", backend="triton")
+    assert launches() == n0 + 2
+
+
+def test_empty_tensors_in_a_group():
+    ts = [torch.empty(0, device=DEVICE), torch.randn(513, device=DEVICE), torch.empty(0, device=DEVICE)]
+    ref = [t.clone() for t in ts]
+    before = ts[1].clone()
+    Z.zo_update_(ts, SEED, [1, 2, 3], [0.5], 1e-2, dist="rademacher", backend="triton")
+    Z.zo_update_(ref, SEED, [1, 2, 3], [0.5], 1e-2, dist="rademacher", backend="reference")
+    assert torch.equal(ts[1], ref[1]) and not torch.equal(ts[1], before)
+
+
+def test_zero_coefficients_leave_only_weight_decay():
+    ts = params(torch.float32)
+    before = [t.clone() for t in ts]
+    Z.zo_update_(ts, SEED, KEYS, coeffs=[], lr=0.1, weight_decay=0.5, offsets=OFFSETS, backend="triton")
+    for a, t in zip(ts, before):
+        torch.testing.assert_close(a, t - (t * 0.5) * 0.1, rtol=0, atol=0)
+
+
+def test_tables_are_cached_between_steps():
+    ts = params(torch.float16)
+    TB._cache.clear()
+    Z.perturb_(ts, SEED, 1e-3, KEYS, offsets=OFFSETS, backend="triton")
+    assert len(TB._cache) == 1
+    tables = next(iter(TB._cache.values()))
+    for step in range(3):
+        Z.perturb_(ts, SEED + step, 1e-3, KEYS, offsets=OFFSETS, backend="triton")
+    assert len(TB._cache) == 1 and next(iter(TB._cache.values())) is tables
+    assert tables.programs == sum((((o + n - 1) >> 2) - (o >> 2)) // TB._blocks(DEVICE) + 1
+                                  for n, o in zip(SIZES, OFFSETS))
+
+
+# ----------------------------------------------------------------------------- availability
+def test_unavailable_reasons(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    assert TB.unavailable_reason(torch.device("cpu")) == \
+        "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"
+    assert "meta" in TB.unavailable_reason(torch.device("meta"))
+    monkeypatch.setattr(TB, "_triton_import_error", lambda: "triton is not installed (pip install triton)")
+    assert TB.unavailable_reason(torch.device("cpu")).startswith("triton is not installed")
+    if not torch.cuda.is_available():
+        monkeypatch.setattr(TB, "_triton_import_error", lambda: None)
+        assert "CUDA is not available" in TB.unavailable_reason(torch.device("cuda"))
+
+
+def test_import_without_triton_explains():
+    code = ("import sys; sys.modules['triton'] = None\n"
+            "import torch, zokernels\n"
+            "from zokernels.backends import registry\n"
+            "import zokernels.backends.triton as tb\n"
+            "print(tb.unavailable_reason(torch.device('cpu')))\n"
+            "print(registry.report('cpu')['triton'])\n")
+    env = {**os.environ, "TRITON_INTERPRET": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.strip().splitlines()
+    assert all(line.startswith("triton is not installed (pip install triton)") for line in lines), lines
+
+
+# ----------------------------------------------------------------------------- GPU (triton compiled)
+GPU_N = 278011
+
+
+@pytest.mark.gpu
+def test_gpu_perturbation_uniform_and_rounding_match_reference(cuda_device):
+    for offset in (0, 3, 2**32 + 3):
+        args = dict(seed=SEED, key=KEY, query=5, offset=offset, device=cuda_device)
+        g_t = Z.perturbation((GPU_N,), backend="triton", **args)
+        g_r = Z.perturbation((GPU_N,), backend="reference", **args)
+        assert (g_t - g_r).abs().max().item() <= 1e-5
+        for dist in ("rademacher",):
+            assert torch.equal(Z.perturbation((GPU_N,), dist=dist, backend="triton", **args),
+                               Z.perturbation((GPU_N,), dist=dist, backend="reference", **args))
+        assert torch.equal(Z.uniform((GPU_N,), backend="triton", **args),
+                           Z.uniform((GPU_N,), backend="reference", **args))
+    x = torch.randn(GPU_N, device=cuda_device) * 3
+    for dtype in (torch.bfloat16, torch.float16):
+        a = Z.stochastic_round(x, dtype, SEED, KEY, backend="triton")
+        b = Z.stochastic_round(x, dtype, SEED, KEY, backend="reference")
+        assert torch.equal(bits(a), bits(b))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gpu_multi_tensor_ops_match_reference(cuda_device, dtype):
+    sizes = [GPU_N, 4099, 3, 65536, 1037]
+    g = torch.Generator().manual_seed(7)
+    base = [(torch.randn(n, generator=g) * 0.5).to(cuda_device, dtype) for n in sizes]
+    for dist in ("rademacher", "gaussian"):
+        for op in ("perturb", "copy", "update4_restore"):
+            for rounding in ("nearest", "stochastic"):
+                n0 = launches()
+                got = run_op(op, "triton", [t.clone() for t in base], dist, rounding)
+                assert launches() == n0 + 1
+                ref = run_op(op, "reference", [t.clone() for t in base], dist, rounding)
+                for a, b in zip(got, ref):
+                    if dist == "rademacher":
+                        assert torch.equal(bits(a), bits(b)), (op, rounding)
+                    elif dtype == torch.float32:
+                        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+                    else:
+                        d = (bits(a).int() - bits(b).int()).abs()
+                        assert d.max().item() <= 1 and (d == 0).float().mean().item() >= 0.99
