@@ -91,7 +91,7 @@ class ForeachZO:
         self.params = list(params)
         self.eps, self.lr, self.weight_decay = eps, lr, weight_decay
         device = self.params[0].device
-        self.zs = [torch.empty_like(p) for p in self.params]
+        self.zs = [torch.zeros_like(p) for p in self.params]  # zeros: the compile call below adds 0 * z
         self.gen = torch.Generator(device=device)
         self.compiled = compiled
         if compiled:

@@ -73,7 +73,7 @@ def preset(device: str, quick: bool) -> Config:
             case_seconds=0.5 if quick else 1.5, copy_bytes=(512 << 20) if quick else (2 << 30),
             rng_numel=(1 << 24) if quick else (1 << 28), reference_max_numel=1 << 25,
             compile_dtypes=["bf16"], time_budget_s=240 if quick else 480, e2e_reserve_s=60 if quick else 170,
-            e2e_models=["opt-1.3b", "llama-7b"], e2e_batch=4 if quick else 16, e2e_seq=128 if quick else 256,
+            e2e_models=["llama-7b", "opt-1.3b"], e2e_batch=4 if quick else 16, e2e_seq=128 if quick else 256,
             e2e_tiny=False, e2e_repeats=3 if quick else 5)
     return Config(
         device=dev, quick=quick, layer_scale=0.01 if quick else 1 / 16, width_div=128 if quick else 32,

@@ -41,7 +41,7 @@ def k_update_q(q: int) -> str:
     return f"zo_update_ q={q}"
 
 
-def free_memory(device: torch.device) -> dict:
+def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
@@ -62,7 +62,11 @@ def usable_backends(cfg: Config, res: Results) -> list[str]:
 
 def run_micro(cfg: Config, res: Results) -> None:
     dev = cfg.device
-    copy = copy_bandwidth(dev, cfg.copy_bytes, cfg.warmup, max(cfg.repeats, 5))
+    try:
+        copy = copy_bandwidth(dev, cfg.copy_bytes, cfg.warmup, max(cfg.repeats, 5))
+    except Exception as e:  # noqa: BLE001 — without the copy line no percentage means anything
+        res.error("copy bandwidth", e)
+        return
     res.data["copy_bandwidth"] = copy
     free_memory(dev)
     backends = usable_backends(cfg, res)

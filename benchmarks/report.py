@@ -153,11 +153,14 @@ def to_markdown(data: dict) -> str:
         for r in data["micro"]:
             groups.setdefault((r["shape_set"], r["dtype"]), []).append(r)
         for (shape_set, dtype), rs in groups.items():
+            mezo = next((r["median_ms"] for r in rs if r["impl"] == "mezo"), None)
             out += [f"### {shape_set} {dtype} — {rs[0]['shape_note']}, {rs[0]['numel']:,} elements, "
                     f"{rs[0]['tensors']} tensors, P = {rs[0]['param_bytes'] / 2**30:.3g} GiB", "",
-                    _table(["kernel", "impl", "backend", "median ms", "p10", "p90", "n", "bytes", "GB/s", "% copy"],
+                    _table(["kernel", "impl", "backend", "median ms", "p10", "p90", "n", "bytes", "GB/s", "% copy",
+                            "step speedup vs mezo"],
                            [[r["kernel"], r["impl"], r["backend"], r["median_ms"], r["p10_ms"], r["p90_ms"],
-                             r["repeats"], r["bytes_formula"].split(" ")[0], r["gbps"], r["pct_copy_bw"]]
+                             r["repeats"], r["bytes_formula"].split(" ")[0], r["gbps"], r["pct_copy_bw"],
+                             mezo / r["median_ms"] if mezo and r["kernel"].startswith(K_STEP) else None]
                             for r in rs]), ""]
     if data.get("e2e"):
         out += ["## End to end (one ZO step = 2 forwards + perturbation/update; bf16)", "",
@@ -222,12 +225,15 @@ def plot(data: dict, path: str) -> None:
 
 
 # ----------------------------------------------------------------------------- README table
-def readme_table(results_dir: str = RESULTS_DIR) -> str:
-    """Markdown summary of every committed results JSON (one row per run), for the README."""
+def readme_table(results_dir: str = RESULTS_DIR, include_cpu: bool = False) -> str:
+    """Markdown summary of every committed results JSON (one row per run), for the README.
+    CPU runs (smoke runs on the reference backend) are left out unless include_cpu."""
     rows = []
     for path in sorted(glob.glob(os.path.join(results_dir, "*.json"))):
         with open(path) as f:
             data = json.load(f)
+        if data.get("meta", {}).get("device_type") == "cpu" and not include_cpu:
+            continue
         micro, e2e = data.get("micro", []), data.get("e2e", [])
         llama = _largest_llama(micro)
 
@@ -277,9 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("result", nargs="?", help="a result JSON to re-render (.md and .png next to it)")
     ap.add_argument("--readme", action="store_true", help="print the README performance table")
     ap.add_argument("--results", default=RESULTS_DIR, help="directory of result JSON files")
+    ap.add_argument("--include-cpu", action="store_true", help="also list CPU (smoke) runs")
     args = ap.parse_args(argv)
     if args.readme:
-        sys.stdout.write(readme_table(args.results))
+        sys.stdout.write(readme_table(args.results, args.include_cpu))
         return 0
     if not args.result:
         ap.error("give a result JSON or --readme")

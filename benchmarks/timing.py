@@ -123,16 +123,19 @@ def device_info(device: torch.device) -> dict:
 
 def time_adaptive(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int,
                   case_seconds: float, min_repeats: int = 3) -> Timing:
-    """One cold call (JIT, allocation), one call timed as an estimate, the remaining warmup calls
-    only while they fit in case_seconds; then time clamp(case_seconds / estimate, min_repeats,
-    repeats) calls: slow cases get fewer repeats, never fewer than min_repeats."""
+    """One cold call (JIT, allocation) and, when the repeat count is adaptive, one call timed as an
+    estimate; the remaining warmup calls only while they fit in case_seconds; then time
+    clamp(case_seconds / estimate, min_repeats, repeats) calls: slow cases get fewer repeats."""
     device = torch.device(device)
     fn()
     sync(device)
+    min_repeats = min(min_repeats, repeats)
+    if repeats == min_repeats:
+        return time_fn(fn, device, max(0, warmup - 1), repeats)
     t0 = time.perf_counter()
     fn()
     sync(device)
     estimate = max(time.perf_counter() - t0, 1e-9)
     extra = min(max(0, warmup - 2), int(case_seconds / estimate))
-    n = max(min(min_repeats, repeats), min(repeats, int(case_seconds / estimate)))
+    n = max(min_repeats, min(repeats, int(case_seconds / estimate)))
     return time_fn(fn, device, extra, n)

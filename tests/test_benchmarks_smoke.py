@@ -103,8 +103,8 @@ def test_foreach_baseline_matches_mezo_math():
 def test_harness_cpu_quick(tmp_path):
     out = tmp_path / "results"
     rc = run.main(["--device", "cpu", "--quick", "--out", str(out), "--threads", "1", "--dtypes", "bf16",
-                   "--models", "llama-7b", "--big-sizes", "4096", "--e2e-models", "llama-7b", "--repeats", "2",
-                   "--e2e-seq", "8"])
+                   "--models", "llama-7b", "--big-sizes", "", "--e2e-models", "llama-7b", "--warmup", "1",
+                   "--repeats", "1", "--e2e-seq", "8"])
     assert rc == 0
     files = sorted(os.listdir(out))
     stems = {os.path.splitext(f)[0] for f in files}
@@ -141,8 +141,55 @@ def test_harness_cpu_quick(tmp_path):
     assert meta["device_name"] in md and "## Targets" in md and "## End to end" in md
     with open(stem + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    table = report.readme_table(str(out))
+    table = report.readme_table(str(out), include_cpu=True)
     assert meta["device_name"] in table and os.path.basename(stem) + ".json" in table
+    assert "No benchmark results" in report.readme_table(str(out))  # CPU smoke runs stay out of the README
+    os.remove(stem + ".png")
+    assert report.main([stem + ".json"]) == 0  # re-render from the JSON alone
+    assert os.path.exists(stem + ".png") and "## Targets" in open(stem + ".md").read()
+
+
+def _micro(kernel, backend, dtype, median_ms, pct, numel=6_738_415_616):
+    return {"shape_set": "llama-7b", "numel": numel, "impl": "ours", "kernel": kernel, "backend": backend,
+            "dtype": dtype, "median_ms": median_ms, "pct_copy_bw": pct}
+
+
+def _e2e(impl, probe, median_ms, **kw):
+    return {"model": "llama-7b", "layers": 32, "batch": 16, "seq": 256, "impl": impl, "probe": probe,
+            "backend": "cuda", "median_ms": median_ms, **kw}
+
+
+def test_targets_arithmetic_on_synthetic_gpu_results():
+    gib = 2**30
+    zo = dict(forward_ms=100.0, inference_peak_bytes=20 * gib, module_in_flight_bytes=gib // 4)
+    data = {"micro": [_micro("perturb_", "cuda", "bf16", 9.0, 95.0),
+                      _micro("zo_update_ restore+update", "cuda", "fp32", 20.0, 85.5),
+                      _micro("zo_update_ q=16", "cuda", "bf16", 400.0, 2.0),
+                      _micro("step sweeps in-place", "cuda", "bf16", 30.0, 90.0),
+                      _micro("step sweeps drift-free", "cuda", "bf16", 33.0, 82.0)],
+            "rng": [{"backend": "cuda", "elements_per_s": 2.0e11}],
+            "e2e": [_e2e("mezo", "inplace", 360.0),
+                    _e2e("ZOSGD", "inplace", 212.0, outside_share_pct=6.0, peak_bytes=20 * gib, **zo),
+                    _e2e("ZOSGD", "hooks", 230.0, outside_share_pct=15.0, peak_bytes=21 * gib, **zo)]}
+    t = {(x["target"], x["scope"].split(" (")[0]): x for x in report.evaluate_targets(data)}
+    bw = t[("perturb_ bandwidth vs copy", "cuda bf16 llama-7b")]
+    assert bw["pass"] is True and bw["margin"] == "passes by 5%"
+    bw = t[("zo_update_ restore+update bandwidth vs copy", "cuda fp32 llama-7b")]
+    assert bw["pass"] is False and bw["margin"] == "misses by 4.5%"
+    q16 = t[("zo_update_ q=16 (compute bound, reported)", "cuda bf16 llama-7b")]
+    assert q16["pass"] is None and "0.74x the RNG-only time" in q16["margin"]  # 400 ms / (16 * 6.74e9 / 2e11 s)
+    df = t[("drift-free step sweeps within 5% of in-place", "micro cuda bf16 llama-7b")]
+    assert df["pass"] is False and df["measured"] == pytest.approx(10.0)
+    sp = t[("whole ZO step speedup over MeZO", "llama-7b ZOSGD probe=inplace [cuda]")]
+    assert sp["pass"] is True and sp["measured"] == pytest.approx(360 / 212, abs=1e-3)
+    assert t[("whole ZO step speedup over MeZO", "llama-7b ZOSGD probe=hooks [cuda]")]["pass"] is False
+    assert t[("ZO step time outside the 2 forwards", "llama-7b ZOSGD probe=inplace [cuda]")]["pass"] is True
+    assert t[("ZO step time outside the 2 forwards", "llama-7b ZOSGD probe=hooks [cuda]")]["pass"] is False
+    mem = "ZO peak memory <= inference peak + params of modules in flight"
+    assert t[(mem, "llama-7b ZOSGD probe=inplace [cuda]")]["pass"] is True
+    hooks_mem = t[(mem, "llama-7b ZOSGD probe=hooks [cuda]")]
+    assert hooks_mem["pass"] is False and hooks_mem["measured"] == pytest.approx(768.0)  # 1 GiB - 256 MiB
+    assert t[("drift-free step within 5% of in-place", "llama-7b ZOSGD hooks vs inplace")]["pass"] is False
 
 
 def test_script_entry_point_help():
