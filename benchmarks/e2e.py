@@ -145,6 +145,10 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
                                "error": str(e).splitlines()[0][:300]})
             _peak_reset(dev)
             return None
+        except Exception as e:  # noqa: BLE001 — one implementation failing must not end the model's run
+            res.error(f"e2e {name} {what}", e)
+            _peak_reset(dev)
+            return None
         peak = _peak(dev)
         res.add("memory", {**base, "what": what, "peak_bytes": peak, "oom": False})
         return {**t.as_dict(), "peak_bytes": peak}
@@ -152,7 +156,7 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
     resident = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
     fwd = measure("inference forward", forward)
     if fwd is None:
-        res.skip(f"e2e {name}", "the inference forward itself ran out of memory")
+        res.skip(f"e2e {name}", "the inference forward itself failed (see memory/errors)")
         del model
         return
     allowance = largest_module_param_bytes(model)

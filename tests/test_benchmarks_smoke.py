@@ -197,3 +197,21 @@ def test_script_entry_point_help():
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "--quick" in proc.stdout and "--only" in proc.stdout
+
+
+@pytest.mark.gpu
+def test_harness_gpu_quick(tmp_path):
+    """The CUDA paths (events, peak memory, compiled foreach, GPU backends) on small sizes."""
+    out = tmp_path / "gpu"
+    rc = run.main(["--device", "cuda", "--quick", "--out", str(out), "--dtypes", "bf16", "--models", "none",
+                   "--big-sizes", str(1 << 22), "--e2e-models", "opt-1.3b", "--scale", "0.05", "--e2e-batch", "2",
+                   "--e2e-seq", "32", "--compile-dtypes", "bf16", "--repeats", "3"])
+    assert rc == 0
+    (stem,) = {os.path.splitext(f)[0] for f in os.listdir(out)}
+    data = json.load(open(os.path.join(out, stem + ".json")))
+    assert data["errors"] == [], data["errors"]
+    assert data["meta"]["gpu_name"] and data["copy_bandwidth"]["gbps"] > 0
+    impls = {(r["impl"], r["backend"]) for r in data["micro"]}
+    assert ("mezo", "torch") in impls and ("foreach", "torch") in impls
+    assert {b for i, b in impls if i == "ours"} & {"triton", "cuda"}, impls
+    assert all(r["peak_bytes"] for r in data["memory"] if not r["oom"])
