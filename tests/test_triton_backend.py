@@ -24,8 +24,6 @@ P = importlib.import_module("zokernels.backends.reference.philox")  # the packag
 pytest.importorskip("triton")
 from zokernels.backends import triton as TB  # noqa: E402
 
-pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")  # numpy inf - inf inside the interpreter
-
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 SEED = 0x0123456789ABCDEF
 KEY = 0xDEADBEEFCAFEBABE
@@ -195,7 +193,7 @@ def test_ops_bitwise_with_rademacher(op, dtype, rounding):
 
 @pytest.mark.parametrize("rounding", ["nearest", "stochastic"])
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("op", OPS[:4])  # weight decay lists are in update4_restore; update2_wd: rademacher only
 def test_ops_match_reference_gaussian(op, dtype, rounding):
     _, got, ref = both(op, dtype, "gaussian", rounding)
     same = total = 0

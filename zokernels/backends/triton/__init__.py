@@ -11,7 +11,6 @@ this module never fails, unavailable_reason() says what is missing.
 from __future__ import annotations
 
 import collections
-import contextlib
 import os
 from collections import OrderedDict
 from typing import NamedTuple
@@ -207,7 +206,11 @@ def _launch(kernel, grid: tuple, device: torch.device, *args, **meta) -> None:
     global _launch_options
     if "BLOCKS" in meta:  # tile kernels: libdevice precise math on GPU, numpy's under the interpreter
         meta["PRECISE"] = not _k().INTERPRETED
-    ctx = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+    if device.type == "cuda":
+        ctx = torch.cuda.device(device)
+    else:  # interpreter: numpy warns about the intended inf - inf / NaN lanes of the rounding code
+        import numpy
+        ctx = numpy.errstate(all="ignore")
     with ctx:
         try:
             kernel[grid](*args, **meta, num_warps=NUM_WARPS_GPU, **_launch_options)
