@@ -49,6 +49,7 @@ class Config:
         return sets + [S.big_tensor(n) for n in self.big_sizes]
 
     run_e2e: bool = True
+    zosgd_probes: tuple[str, ...] = ("inplace", "hooks", "swap")
 
     def seconds_left(self) -> float:
         return self.time_budget_s - (time.monotonic() - self.started)

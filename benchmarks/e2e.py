@@ -189,7 +189,7 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
         del ours
 
     zosgd, why = _zosgd_class()
-    for probe in ("inplace", "hooks", "swap"):
+    for probe in cfg.zosgd_probes:
         impl = f"ZOSGD probe={probe}"
         if zosgd is None:
             res.skip(f"e2e {name} {impl}", why)

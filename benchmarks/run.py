@@ -46,6 +46,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--big-sizes", type=_csv(int), help="single-tensor sizes in elements (comma list)")
     ap.add_argument("--queries", type=_csv(int), help="query counts of the multi-query update")
     ap.add_argument("--e2e-models", type=_csv(str), help="end-to-end models: opt-1.3b,llama-7b")
+    ap.add_argument("--zosgd-probes", type=_csv(str), help="ZOSGD probes timed end to end: inplace,hooks,swap")
     ap.add_argument("--e2e-batch", type=int)
     ap.add_argument("--e2e-seq", type=int)
     ap.add_argument("--warmup", type=int)
@@ -66,7 +67,8 @@ def build_config(args: argparse.Namespace):
                  "e2e_models": args.e2e_models, "e2e_batch": args.e2e_batch, "e2e_seq": args.e2e_seq,
                  "warmup": args.warmup, "repeats": args.repeats, "case_seconds": args.case_seconds,
                  "compile_dtypes": args.compile_dtypes, "reference_max_numel": args.reference_max_numel,
-                 "time_budget_s": args.time_budget, "e2e_reserve_s": args.e2e_reserve}
+                 "time_budget_s": args.time_budget, "e2e_reserve_s": args.e2e_reserve,
+                 "zosgd_probes": args.zosgd_probes}
     if args.models is not None:
         overrides["models"] = [m for m in args.models if m != "none"]
     for key, value in overrides.items():

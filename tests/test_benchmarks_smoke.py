@@ -104,7 +104,7 @@ def test_harness_cpu_quick(tmp_path):
     out = tmp_path / "results"
     rc = run.main(["--device", "cpu", "--quick", "--out", str(out), "--threads", "1", "--dtypes", "bf16",
                    "--models", "llama-7b", "--big-sizes", "", "--e2e-models", "llama-7b", "--warmup", "1",
-                   "--repeats", "1", "--e2e-seq", "8"])
+                   "--repeats", "1", "--e2e-seq", "8", "--zosgd-probes", "inplace,hooks"])
     assert rc == 0
     files = sorted(os.listdir(out))
     stems = {os.path.splitext(f)[0] for f in files}
