@@ -100,16 +100,25 @@ class BuildCudaExt(build_ext):
     """Compiles the kernels with nvcc (in parallel with the host module compiled by the C++ compiler)
     and links both with static cudart into one extension module."""
 
-    def build_extension(self, ext):
-        if ext.name != "zokernels._cuda":
-            return super().build_extension(ext)
-        try:
-            self._build_cuda(ext)
-        except Exception as e:  # noqa: BLE001 — any failure: optional unless required
-            if _flag("ZOKERNELS_REQUIRE_CUDA"):
-                raise
-            _log(f"zokernels: building the CUDA extension failed ({e}); installing without the CUDA backend "
-                 "(the Triton and reference backends still work)")
+    def build_extensions(self):
+        failed = []
+        for ext in self.extensions:
+            if ext.name != "zokernels._cuda":
+                self.build_extension(ext)
+                continue
+            try:
+                self._build_cuda(ext)
+            except Exception as e:  # noqa: BLE001 — any failure: optional unless required
+                if _flag("ZOKERNELS_REQUIRE_CUDA"):
+                    raise
+                _log(f"zokernels: building the CUDA extension failed ({e}); installing without the CUDA "
+                     "backend (the Triton and reference backends still work)")
+                failed.append(ext)
+                stale = self.get_ext_fullpath(ext.name)  # an earlier build's module must not ship
+                if os.path.exists(stale):
+                    os.remove(stale)
+        # not built: nothing to copy in place or to put in the wheel
+        self.extensions = [e for e in self.extensions if e not in failed]
 
     def _build_cuda(self, ext):
         nvcc, root = ext.cuda
@@ -139,7 +148,7 @@ class BuildCudaExt(build_ext):
             objects + [kernel_obj, cudart], self.get_ext_fullpath(ext.name),
             libraries=["pthread", "dl", "rt"],
             # keep static cudart's symbols private: torch loads its own libcudart
-            extra_postargs=["-Wl,--exclude-libs,ALL"], target_lang="c++")
+            extra_postargs=["-Wl,--exclude-libs,ALL", "-Wl,--strip-debug"], target_lang="c++")
 
 
 def extensions() -> list[Extension]:

@@ -38,6 +38,47 @@ struct OpParams {
   uint32_t restore_query;
 };
 
+// A whole live Philox block at a 4-element-aligned address is accessed as one vector instead of four.
+template <class T>
+ZO_HD bool aligned4(const void* ptr, int64_t base) {
+  return ((uintptr_t)(static_cast<const T*>(ptr) + base) & (4 * sizeof(T) - 1)) == 0;
+}
+
+template <class T>
+ZO_HD void load_lanes(const void* ptr, int64_t base, const bool live[4], T v[4]) {
+  const T* p = static_cast<const T*>(ptr);
+  if (live[0] && live[3] && aligned4<T>(ptr, base)) {
+    load4(p + base, v);
+    return;
+  }
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) v[l] = live[l] ? p[base + l] : T(0);
+}
+
+template <class T>
+ZO_HD void store_lanes(void* ptr, int64_t base, const bool live[4], const T v[4]) {
+  T* p = static_cast<T*>(ptr);
+  if (live[0] && live[3] && aligned4<T>(ptr, base)) {
+    store4(p + base, v);
+    return;
+  }
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l)
+    if (live[l]) p[base + l] = v[l];
+}
+
+template <int DT>
+ZO_HD void load_f32_lanes(const void* ptr, int64_t base, const bool live[4], float x[4]) {
+  if (DT == F32) {
+    load_lanes<float>(ptr, base, live, x);
+    return;
+  }
+  uint16_t h[4];
+  load_lanes<uint16_t>(ptr, base, live, h);
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) x[l] = DT == BF16 ? bf16_to_f32(h[l]) : f16_to_f32(h[l]);
+}
+
 // Process global Philox block `block` of tensor t: elements j = 4 block + lane with offset <= j < offset + numel.
 template <int OP, int DT, int DIST, bool STOCH>
 ZO_HD void process_block(const TensorDesc& t, const OpParams& p, uint64_t block) {
@@ -53,17 +94,12 @@ ZO_UNROLL
       z_lanes(r, DIST, val);
     else
       v_lanes(r, val);
-    float* out = static_cast<float*>(t.dst);
-ZO_UNROLL
-    for (int l = 0; l < 4; ++l)
-      if (live[l]) out[base + l] = val[l];
+    store_lanes<float>(t.dst, base, live, val);
     return;
   }
 
-  float x[4] = {0.f, 0.f, 0.f, 0.f};
-ZO_UNROLL
-  for (int l = 0; l < 4; ++l)
-    if (live[l]) x[l] = load_as_f32<OP == SROUND ? (int)F32 : DT>(t.src, base + l);
+  float x[4];
+  load_f32_lanes<OP == SROUND ? (int)F32 : DT>(t.src, base, live, x);
 
   if (OP == PERTURB) {
     float z[4];
@@ -88,13 +124,10 @@ ZO_UNROLL
   }
 
   if (DT == F32) {
-    float* out = static_cast<float*>(t.dst);
-ZO_UNROLL
-    for (int l = 0; l < 4; ++l)
-      if (live[l]) out[base + l] = x[l];
+    store_lanes<float>(t.dst, base, live, x);
     return;
   }
-  uint16_t* out = static_cast<uint16_t*>(t.dst);
+  uint16_t h[4];
   if (STOCH || OP == SROUND) {
     // Rounding uniforms: stochastic_round draws p.stream at p.query; perturb draws sr_stream at the
     // probe's query; the update draws sr_stream at query 0.
@@ -103,18 +136,51 @@ ZO_UNROLL
     float v[4];
     v_lanes(contract_block(p.seed, t.key, q, s, block), v);
 ZO_UNROLL
-    for (int l = 0; l < 4; ++l)
-      if (live[l]) out[base + l] = stochastic_round<DT>(x[l], v[l]);
+    for (int l = 0; l < 4; ++l) h[l] = stochastic_round<DT>(x[l], v[l]);
   } else {
 ZO_UNROLL
-    for (int l = 0; l < 4; ++l)
-      if (live[l]) out[base + l] = round_nearest<DT>(x[l]);
+    for (int l = 0; l < 4; ++l) h[l] = round_nearest<DT>(x[l]);
   }
+  store_lanes<uint16_t>(t.dst, base, live, h);
 }
 
 // Number of Philox blocks covering elements [offset, offset + numel), numel > 0.
 ZO_HD int64_t philox_blocks(uint64_t offset, int64_t numel) {
   return (int64_t)(((offset + (uint64_t)numel - 1u) >> 2) - (offset >> 2) + 1u);
+}
+
+// What CUDA block `chunk` of a launch works on: tensor t (the last row whose first chunk <= chunk, found by
+// binary search over COL_CHUNK0) and its local Philox blocks [first, last), global block = block0 + local.
+struct ChunkWork {
+  TensorDesc t;
+  uint64_t block0;
+  int64_t first, last;
+};
+
+ZO_HD ChunkWork chunk_work(const int64_t* table, int n_tensors, int64_t chunk, int chunk_blocks) {
+  int lo = 0, hi = n_tensors - 1;
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) >> 1;
+    if (table[(int64_t)mid * TABLE_COLS + COL_CHUNK0] <= chunk)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const int64_t* row = table + (int64_t)lo * TABLE_COLS;
+  ChunkWork w;
+  w.t.src = reinterpret_cast<const void*>(row[COL_PTR]);
+  w.t.dst = reinterpret_cast<void*>(row[COL_OUT]);
+  w.t.numel = row[COL_NUMEL];
+  w.t.key = (uint64_t)row[COL_KEY];
+  w.t.offset = (uint64_t)row[COL_OFFSET];
+  const uint64_t lr_wd = (uint64_t)row[COL_LR_WD];
+  w.t.lr = u2f((uint32_t)lr_wd);
+  w.t.wd = u2f((uint32_t)(lr_wd >> 32));
+  const int64_t n_blocks = philox_blocks(w.t.offset, w.t.numel);
+  w.block0 = w.t.offset >> 2;
+  w.first = (chunk - row[COL_CHUNK0]) * chunk_blocks;
+  w.last = w.first + chunk_blocks < n_blocks ? w.first + chunk_blocks : n_blocks;
+  return w;
 }
 
 // Calls f(std::integral_constant<int, OP>, ..<DT>, ..<DIST>, ..<STOCH>) for the runtime values, over the

@@ -19,39 +19,12 @@ const char* fail(const char* what, cudaError_t e) {
   return g_error;
 }
 
-__device__ __forceinline__ TensorDesc load_desc(const int64_t* __restrict__ row) {
-  TensorDesc t;
-  t.src = reinterpret_cast<const void*>(row[COL_PTR]);
-  t.dst = reinterpret_cast<void*>(row[COL_OUT]);
-  t.numel = row[COL_NUMEL];
-  t.key = (uint64_t)row[COL_KEY];
-  t.offset = (uint64_t)row[COL_OFFSET];
-  const uint64_t lr_wd = (uint64_t)row[COL_LR_WD];
-  t.lr = __uint_as_float((uint32_t)lr_wd);
-  t.wd = __uint_as_float((uint32_t)(lr_wd >> 32));
-  return t;
-}
-
 template <int OP, int DT, int DIST, bool STOCH>
 __global__ void __launch_bounds__(THREADS) zo_kernel(const int64_t* __restrict__ table, int n_tensors,
                                                      OpParams p) {
-  const int64_t chunk = blockIdx.x;
-  int lo = 0, hi = n_tensors - 1;  // last tensor whose first chunk <= this chunk
-  while (lo < hi) {
-    const int mid = (lo + hi + 1) >> 1;
-    if (table[(int64_t)mid * TABLE_COLS + COL_CHUNK0] <= chunk)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  const int64_t* row = table + (int64_t)lo * TABLE_COLS;
-  const TensorDesc t = load_desc(row);
-  const int64_t n_blocks = philox_blocks(t.offset, t.numel);
-  const int64_t first = (chunk - row[COL_CHUNK0]) * CHUNK_BLOCKS;
-  const int64_t last = first + CHUNK_BLOCKS < n_blocks ? first + CHUNK_BLOCKS : n_blocks;
-  const uint64_t block0 = t.offset >> 2;
-  for (int64_t b = first + threadIdx.x; b < last; b += THREADS)
-    process_block<OP, DT, DIST, STOCH>(t, p, block0 + (uint64_t)b);
+  const ChunkWork w = chunk_work(table, n_tensors, blockIdx.x, CHUNK_BLOCKS);
+  for (int64_t b = w.first + threadIdx.x; b < w.last; b += THREADS)
+    process_block<OP, DT, DIST, STOCH>(w.t, p, w.block0 + (uint64_t)b);
 }
 
 class DeviceGuard {  // this runtime's current device is per thread: set it, and put it back
@@ -104,17 +77,7 @@ const char* launch(const LaunchArgs& a) {
   }
   DeviceGuard guard(a.device);
   if (guard.error() != cudaSuccess) return fail("cudaSetDevice", guard.error());
-  OpParams p;
-  p.seed = a.seed;
-  p.scale = a.scale;
-  p.query = a.query;
-  p.stream = a.stream;
-  p.sr_stream = a.sr_stream;
-  p.coeffs = a.coeffs;
-  p.n_coeffs = a.n_coeffs;
-  p.restore = a.restore;
-  p.restore_scale = a.restore_scale;
-  p.restore_query = a.restore_query;
+  const OpParams p = op_params(a);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.cuda_stream);
   const dim3 grid((unsigned)a.n_chunks);
   const bool known = dispatch(a.op, a.dtype, a.dist, a.stochastic != 0, [&](auto op, auto dt, auto dist, auto st) {

@@ -1,9 +1,11 @@
-// Device-side API of the extension, in plain C++ (no CUDA types) so that the pybind11 module can be
+// Device-side API of the extension, in plain C++ (no CUDA runtime types) so that the pybind11 module can be
 // compiled by g++ without CUDA headers. Every function returns nullptr on success or a static/thread-local
 // error message.
 #pragma once
 
 #include <stdint.h>
+
+#include "zo_block.cuh"
 
 namespace zo {
 
@@ -33,6 +35,22 @@ struct LaunchArgs {
   uintptr_t cuda_stream;
 };
 
+inline OpParams op_params(const LaunchArgs& a) {
+  OpParams p{};
+  p.seed = a.seed;
+  p.scale = a.scale;
+  p.query = a.query;
+  p.stream = a.stream;
+  p.sr_stream = a.sr_stream;
+  p.coeffs = a.coeffs;
+  p.n_coeffs = a.n_coeffs;
+  p.restore = a.restore;
+  p.restore_scale = a.restore_scale;
+  p.restore_query = a.restore_query;
+  return p;
+}
+
+// Kernel launch on a.cuda_stream (asynchronous).
 const char* launch(const LaunchArgs& a);
 
 }  // namespace zo

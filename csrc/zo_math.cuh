@@ -208,11 +208,36 @@ ZO_HD uint16_t f32_to_f16_rn(float x) {
 #endif
 }
 
-template <int DT>
-ZO_HD float load_as_f32(const void* p, int64_t i) {
-  if (DT == F32) return static_cast<const float*>(p)[i];
-  uint16_t h = static_cast<const uint16_t*>(p)[i];
-  return DT == BF16 ? bf16_to_f32(h) : f16_to_f32(h);
+// Four consecutive elements at an address aligned to 4 elements: one 16-byte (float) or 8-byte (16-bit) access.
+ZO_HD void load4(const float* p, float v[4]) {
+#ifdef __CUDA_ARCH__
+  const float4 w = *reinterpret_cast<const float4*>(p);
+  v[0] = w.x, v[1] = w.y, v[2] = w.z, v[3] = w.w;
+#else
+  std::memcpy(v, p, 4 * sizeof(float));
+#endif
+}
+ZO_HD void store4(float* p, const float v[4]) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<float4*>(p) = make_float4(v[0], v[1], v[2], v[3]);
+#else
+  std::memcpy(p, v, 4 * sizeof(float));
+#endif
+}
+ZO_HD void load4(const uint16_t* p, uint16_t v[4]) {
+#ifdef __CUDA_ARCH__
+  const uint2 w = *reinterpret_cast<const uint2*>(p);
+  v[0] = (uint16_t)w.x, v[1] = (uint16_t)(w.x >> 16), v[2] = (uint16_t)w.y, v[3] = (uint16_t)(w.y >> 16);
+#else
+  std::memcpy(v, p, 4 * sizeof(uint16_t));
+#endif
+}
+ZO_HD void store4(uint16_t* p, const uint16_t v[4]) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<uint2*>(p) = make_uint2(v[0] | ((uint32_t)v[1] << 16), v[2] | ((uint32_t)v[3] << 16));
+#else
+  std::memcpy(p, v, 4 * sizeof(uint16_t));
+#endif
 }
 
 template <int DT>

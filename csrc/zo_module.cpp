@@ -127,10 +127,10 @@ std::string probe(int device) {
   return err ? std::string(err) : std::string();
 }
 
-void launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
-            uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream, uintptr_t coeffs,
-            int n_coeffs, bool restore, float restore_scale, uint32_t restore_query, int device,
-            uintptr_t cuda_stream) {
+zo::LaunchArgs launch_args(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors,
+                           int64_t n_chunks, uint64_t seed, float scale, uint32_t query, uint32_t stream,
+                           uint32_t sr_stream, uintptr_t coeffs, int n_coeffs, bool restore, float restore_scale,
+                           uint32_t restore_query) {
   zo::LaunchArgs a{};
   a.op = op;
   a.dtype = dtype;
@@ -149,10 +149,40 @@ void launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n
   a.restore = restore ? 1 : 0;
   a.restore_scale = restore_scale;
   a.restore_query = restore_query;
+  return a;
+}
+
+void launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
+            uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream, uintptr_t coeffs,
+            int n_coeffs, bool restore, float restore_scale, uint32_t restore_query, int device,
+            uintptr_t cuda_stream) {
+  zo::LaunchArgs a = launch_args(op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale, query,
+                                 stream, sr_stream, coeffs, n_coeffs, restore, restore_scale, restore_query);
   a.device = device;
   a.cuda_stream = cuda_stream;
   const char* err = zo::launch(a);
   if (err) throw std::runtime_error(std::string("zokernels CUDA backend: ") + err);
+}
+
+// The kernel's grid on the CPU: same table (host memory), same chunk -> (tensor, Philox blocks) mapping,
+// threads of a CUDA block run one after another.
+void host_launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
+                 uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream, uintptr_t coeffs,
+                 int n_coeffs, bool restore, float restore_scale, uint32_t restore_query) {
+  const zo::LaunchArgs a = launch_args(op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale,
+                                       query, stream, sr_stream, coeffs, n_coeffs, restore, restore_scale,
+                                       restore_query);
+  const zo::OpParams p = zo::op_params(a);
+  const bool known = zo::dispatch(op, dtype, dist, stochastic, [&](auto op_c, auto dt_c, auto dist_c, auto st_c) {
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const zo::ChunkWork w = zo::chunk_work(a.table, n_tensors, chunk, zo::CHUNK_BLOCKS);
+      for (int thread = 0; thread < zo::THREADS; ++thread)
+        for (int64_t b = w.first + thread; b < w.last; b += zo::THREADS)
+          zo::process_block<decltype(op_c)::value, decltype(dt_c)::value, decltype(dist_c)::value,
+                            decltype(st_c)::value>(w.t, p, w.block0 + (uint64_t)b);
+    }
+  });
+  if (!known) throw py::value_error("unsupported op/dtype/dist combination");
 }
 
 }  // namespace
@@ -188,4 +218,9 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("query"), py::arg("stream"), py::arg("sr_stream"), py::arg("coeffs"), py::arg("n_coeffs"),
         py::arg("restore"), py::arg("restore_scale"), py::arg("restore_query"), py::arg("device"),
         py::arg("cuda_stream"));
+  m.def("host_launch", &host_launch, py::arg("op"), py::arg("dtype"), py::arg("dist"), py::arg("stochastic"),
+        py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("seed"), py::arg("scale"),
+        py::arg("query"), py::arg("stream"), py::arg("sr_stream"), py::arg("coeffs"), py::arg("n_coeffs"),
+        py::arg("restore"), py::arg("restore_scale"), py::arg("restore_query"),
+        "launch()'s grid run on the CPU over a host-memory table (tests of the multi-tensor mapping)");
 }

@@ -204,15 +204,19 @@ CASES = [(torch.float32, "nearest", "gaussian"), (torch.bfloat16, "nearest", "ga
          (torch.float16, "stochastic", "gaussian"), (torch.bfloat16, "stochastic", "rademacher")]
 
 
-@pytest.mark.parametrize("dtype,rounding,dist", CASES)
-def test_host_perturb_matches_reference(ext, dtype, rounding, dist):
+# Offsets alternate between offset % 4 == 3 (scalar element path) and 4-aligned (vector loads/stores).
+HOST_CASES = [(*case, BIG_OFFSET if i % 2 else BIG_OFFSET - 3) for i, case in enumerate(CASES)]
+
+
+@pytest.mark.parametrize("dtype,rounding,dist,offset", HOST_CASES)
+def test_host_perturb_matches_reference(ext, dtype, rounding, dist, offset):
     theta = _theta(ODD, dtype, 4)
     seed, key, scale, query = C.step_seed(42, 3), C.param_key("layers.3.w"), 1e-3, 5
     out = torch.empty_like(theta)
-    ext.host_perturb(theta.data_ptr(), out.data_ptr(), ODD, TAG[dtype], seed, key, BIG_OFFSET, scale, query,
+    ext.host_perturb(theta.data_ptr(), out.data_ptr(), ODD, TAG[dtype], seed, key, offset, scale, query,
                      DIST[dist], rounding == "stochastic", C.STREAM_PROBE_SR_NEG)
     ref = theta.clone()
-    ops.perturb_(ref, seed, scale, key, query=query, dist=dist, offsets=[BIG_OFFSET], rounding=rounding,
+    ops.perturb_(ref, seed, scale, key, query=query, dist=dist, offsets=[offset], rounding=rounding,
                  sr_stream=C.STREAM_PROBE_SR_NEG, backend="reference")
     _check(out, ref)
     if dtype != torch.float32:
@@ -220,11 +224,11 @@ def test_host_perturb_matches_reference(ext, dtype, rounding, dist):
 
 
 @pytest.mark.parametrize("restore", [None, -2e-3])
-@pytest.mark.parametrize("dtype,rounding,dist", CASES)
-def test_host_zo_update_matches_reference(ext, dtype, rounding, dist, restore):
+@pytest.mark.parametrize("dtype,rounding,dist,offset", HOST_CASES)
+def test_host_zo_update_matches_reference(ext, dtype, rounding, dist, offset, restore):
     n = 40013  # three queries: kept smaller than ODD for the CPU reference's sake
     theta = _theta(n, dtype, 5)
-    seed, key, offset = C.step_seed(7, 11), C.param_key("layers.5.attn.q_proj.weight"), 4 * 1000 + 1
+    seed, key = C.step_seed(7, 11), C.param_key("layers.5.attn.q_proj.weight")
     coeffs, lr, wd = (0.7, -1.3, 0.25), 1e-2, 0.1
     got = theta.clone()
     ext.host_zo_update(got.data_ptr(), n, TAG[dtype], seed, key, offset, list(coeffs), lr, wd, DIST[dist],
@@ -240,6 +244,71 @@ def test_host_zo_update_without_queries_is_weight_decay_only(ext):
     got = theta.clone()
     ext.host_zo_update(got.data_ptr(), 1037, 0, 1, 2, 3, [], 0.5, 0.1, 0, False, 3, None, 0)
     assert torch.equal(got, theta - (theta * 0.1) * 0.5)
+
+
+# ----------------------------------------------------------------------------- the kernels' grid on the host
+# zokernels.backends.cuda called with CPU tensors runs launch()'s chunk -> (tensor, Philox blocks) mapping on
+# the host (host_launch): the multi-tensor tables, chunking, offsets and tails, without a GPU.
+GRID_SIZES = [20011, 1037, 1, 4099, 3]  # 20011 spans three 8192-element chunks
+GRID_OFFSETS = [BIG_OFFSET, 5, (1 << 40) + 1, 0, (1 << 49) + 2]
+
+
+def _grid_group(dtype, seed, lrs=None, wds=None):
+    from zokernels.backends._common import Group
+
+    tensors = [_theta(n, dtype, seed + i) for i, n in enumerate(GRID_SIZES)]
+    keys = [C.param_key(f"g{i}") for i in range(len(tensors))]
+    return Group(tensors, keys, list(GRID_OFFSETS), lrs or [], wds or [])
+
+
+@pytest.mark.parametrize("dtype,rounding,dist", CASES)
+def test_host_grid_perturb_copy_update(ext, dtype, rounding, dist):
+    from zokernels.backends import cuda as backend
+    from zokernels.backends._common import UpdateSpec
+
+    g = _grid_group(dtype, 40)
+    kw = dict(query=3, dist=dist, offsets=GRID_OFFSETS, rounding=rounding, sr_stream=C.STREAM_PROBE_SR_POS)
+    ref = [t.clone() for t in g.tensors]
+    ops.perturb_(ref, 11, 1e-3, g.keys, backend="reference", **kw)
+    outs = [torch.empty_like(t) for t in g.tensors]
+    backend.perturbed_copy(g, outs, 11, 1e-3, 3, dist, rounding, C.STREAM_PROBE_SR_POS)
+    before = backend.LAUNCHES["perturb_"]
+    backend.perturb_(g, 11, 1e-3, 3, dist, rounding, C.STREAM_PROBE_SR_POS)
+    assert backend.LAUNCHES["perturb_"] == before + 1
+    for got, copy, r in zip(g.tensors, outs, ref):
+        _check(got, r)
+        assert torch.equal(got, copy)
+
+    lrs, wds = [1e-2, 2e-2, 1e-3, 5e-3, 1.0], [0.0, 0.1, 0.0, 0.01, 0.5]
+    g = _grid_group(dtype, 50, lrs, wds)
+    ref = [t.clone() for t in g.tensors]
+    coeffs = (0.5, -0.25, 2.0)
+    ops.zo_update_(ref, 5, g.keys, coeffs, lrs, wds, dist=dist, offsets=GRID_OFFSETS, rounding=rounding,
+                   restore_scale=1e-3, restore_query=1, backend="reference")
+    backend.zo_update_(g, UpdateSpec(5, coeffs, dist, rounding, C.STREAM_UPDATE_SR, 1e-3, 1))
+    for got, r in zip(g.tensors, ref):
+        _check(got, r)
+
+
+def test_host_grid_fills_and_rounding(ext):
+    from zokernels.backends import cuda as backend
+
+    n, seed, key = 20011, 3, C.param_key("fill")
+    for dist in ("gaussian", "rademacher"):
+        z = torch.empty(n)
+        backend.fill_perturbation(z, seed, key, 2, C.STREAM_Z, dist, BIG_OFFSET)
+        ref = P.z_range(BIG_OFFSET, n, seed, key, 2, C.STREAM_Z, dist, torch.device("cpu"))
+        torch.testing.assert_close(z, ref, rtol=0, atol=Z_ATOL)
+    v = torch.empty(n)
+    backend.fill_uniform(v, seed, key, 2, C.STREAM_ACT_SR, 1)
+    assert torch.equal(v, P.uniform_range(1, n, seed, key, 2, C.STREAM_ACT_SR, torch.device("cpu")))
+    x = _random_floats(n, 9)
+    for dtype in (torch.bfloat16, torch.float16):
+        out = torch.empty(x.shape, dtype=dtype)
+        backend.stochastic_round(x, out, seed, key, 4, C.STREAM_QUANT_SR, BIG_OFFSET)
+        ref = ops.stochastic_round(x, dtype, seed, key, 4, BIG_OFFSET, stream=C.STREAM_QUANT_SR,
+                                   backend="reference")
+        assert torch.equal(out.view(torch.int16), ref.view(torch.int16))
 
 
 # ----------------------------------------------------------------------------- GPU

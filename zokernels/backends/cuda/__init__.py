@@ -3,7 +3,9 @@
 The extension takes raw pointers, so this module owns the per-launch tensor table: an int64 device tensor
 [T, TABLE_COLS] with rows (ptr, out_ptr, numel, key, offset, first chunk, lr|wd bits, 0), cached per
 parameter set (its content is a pure function of the cache key, so a hit is always valid).
-Importing this module never fails; unavailable_reason says what is missing.
+Importing this module never fails; unavailable_reason says what is missing. Called directly with CPU
+tensors, the functions below run the kernels' grid on the host (zokernels._cuda.host_launch), which is how
+the multi-tensor path is tested without a GPU; zokernels.ops never routes CPU tensors here.
 """
 from __future__ import annotations
 
@@ -103,12 +105,15 @@ def _launch(name: str, op: int, dtype: torch.dtype, dist: str, stochastic: bool,
     if _ext is None:
         raise RuntimeError(NOT_BUILT)
     table, chunks = _table(device, rows)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    _ext.launch(op, _DTYPE_TAG[dtype], _DIST_TAG[dist], bool(stochastic and dtype != torch.float32),
-                table.data_ptr(), len(rows), chunks, seed, scale, query, stream, sr_stream,
-                0 if coeffs is None else coeffs.data_ptr(), 0 if coeffs is None else coeffs.numel(),
-                restore_scale is not None, restore_scale or 0.0, restore_query, index,
-                torch.cuda.current_stream(device).cuda_stream)
+    args = (op, _DTYPE_TAG[dtype], _DIST_TAG[dist], bool(stochastic and dtype != torch.float32),
+            table.data_ptr(), len(rows), chunks, seed, scale, query, stream, sr_stream,
+            0 if coeffs is None else coeffs.data_ptr(), 0 if coeffs is None else coeffs.numel(),
+            restore_scale is not None, restore_scale or 0.0, restore_query)
+    if device.type == "cpu":  # the kernels' grid run on the host: tests of the multi-tensor path without a GPU
+        _ext.host_launch(*args)
+    else:
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        _ext.launch(*args, index, torch.cuda.current_stream(device).cuda_stream)
     LAUNCHES[name] += 1
 
 
