@@ -213,7 +213,7 @@ class ZOSGD(torch.optim.Optimizer):
         if not verify:
             with prober.perturbed(seed, query, sign):
                 return self._forward(closure)
-        for _ in range(2):
+        for _ in range(4):  # each pass can only grow the whole-forward set; 2 suffice unless data-dependent
             reads = StorageReads(watch_original_storages(self._table))
             with reads, prober.perturbed(seed, query, sign, reads):
                 with torch.no_grad():

@@ -1,0 +1,240 @@
+"""The fine-tune log: resume from state_dict is bitwise; replay in a fresh process rebuilds the
+fine-tuned weights bitwise (drift-free and in-place probes, skipped and abandoned steps); replay refuses
+logs that do not belong to the weights; a 20k-step log is a few hundred KB."""
+import copy
+import io
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import zokernels as Z
+from zokernels import contract as C
+from zokernels.log import FineTuneLog, base_fingerprint, tensor_fingerprint
+from zokernels.optim.update import StepRecord
+
+BACKEND = "reference"
+LLAMA_SRC = """
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+def tiny_llama(dtype):
+    cfg = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).to(dtype)
+"""
+exec(LLAMA_SRC)  # defines tiny_llama, the same builder the subprocess uses
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def lm_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, 64, (2, 7), generator=g)
+    return {"input_ids": ids, "labels": ids}
+
+
+def make_opt(model, probe, seed=77):
+    decay = [(n, p) for n, p in model.named_parameters() if n.endswith("proj.weight")]
+    rest = [(n, p) for n, p in model.named_parameters() if not n.endswith("proj.weight")]
+    return Z.ZOSGD([{"params": decay, "weight_decay": 0.05}, {"params": rest, "weight_decay": 0.0}], lr=2e-2,
+                   n_queries=2, seed=seed, backend=BACKEND, model=model, probe=probe)
+
+
+def bitwise_equal(a: dict, b: dict) -> bool:
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k].view(torch.int16) if a[k].element_size() == 2 else a[k],
+                                                 b[k].view(torch.int16) if b[k].element_size() == 2 else b[k])
+        for k in a)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ----------------------------------------------------------------------------- resume
+@pytest.mark.parametrize("probe", ["hooks", "inplace"])
+def test_resume_from_state_dict_is_bitwise(probe):
+    batch = lm_batch()
+    closure_of = lambda m: (lambda: m(**batch).loss)
+    torch.manual_seed(1)
+    base = tiny_llama(torch.bfloat16)
+
+    def run(model, opt, sched, n):
+        for _ in range(n):
+            opt.step(closure_of(model))
+            sched.step()
+
+    a = copy.deepcopy(base)
+    opt_a = make_opt(a, probe)
+    sched_a = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda t: 1.0 / (1 + t))
+    run(a, opt_a, sched_a, 6)
+
+    b = copy.deepcopy(base)
+    opt_b = make_opt(b, probe)
+    sched_b = torch.optim.lr_scheduler.LambdaLR(opt_b, lambda t: 1.0 / (1 + t))
+    run(b, opt_b, sched_b, 3)
+    buf = io.BytesIO()
+    torch.save({"model": b.state_dict(), "opt": opt_b.state_dict(), "sched": sched_b.state_dict()}, buf)
+    buf.seek(0)
+    ckpt = torch.load(buf, weights_only=True)
+
+    torch.manual_seed(2)
+    c = tiny_llama(torch.bfloat16)  # other initial weights, overwritten by the checkpoint
+    c.load_state_dict(ckpt["model"])
+    opt_c = make_opt(c, probe, seed=None)
+    sched_c = torch.optim.lr_scheduler.LambdaLR(opt_c, lambda t: 1.0 / (1 + t))
+    opt_c.load_state_dict(ckpt["opt"])
+    sched_c.load_state_dict(ckpt["sched"])
+    assert opt_c.base_seed == 77 and opt_c.steps_taken == 3
+    run(c, opt_c, sched_c, 3)
+
+    assert bitwise_equal(snapshot(a), snapshot(c))
+    assert opt_a.log.steps == opt_c.log.steps and opt_a.log.header == opt_c.log.header
+    assert not bitwise_equal(snapshot(a), snapshot(base))
+
+
+# ----------------------------------------------------------------------------- replay
+def train_with_incidents(model, probe):
+    """6 steps: step 2 sees a NaN loss on its second forward; step 4 raises inside its third forward."""
+    batch = lm_batch()
+    opt = make_opt(model, probe)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: 0.8 ** t)
+    calls = {"step": 0, "n": 0}
+
+    def closure():
+        calls["n"] += 1
+        loss = model(**batch).loss
+        if calls["step"] == 2 and calls["n"] == 2:
+            return loss * float("nan")
+        if calls["step"] == 4 and calls["n"] == 3:
+            raise KeyboardInterrupt("interrupted mid-probe")
+        return loss
+
+    for step in range(6):
+        calls.update(step=step, n=0)
+        try:
+            if step == 2:
+                with pytest.warns(RuntimeWarning):
+                    opt.step(closure)
+            else:
+                opt.step(closure)
+        except KeyboardInterrupt:
+            pass
+        sched.step()
+    skipped = [r.skipped for r in opt.log.steps]
+    assert skipped == [False, False, True, False, True, False]
+    return opt
+
+
+REPLAY_SRC = LLAMA_SRC + """
+import sys, zokernels
+tmp = sys.argv[1]
+for probe in sys.argv[2:]:
+    model = tiny_llama(torch.bfloat16)
+    model.load_state_dict(torch.load(f"{tmp}/base.pt", weights_only=True))
+    zokernels.replay(model, f"{tmp}/{probe}.zolog", backend="reference")
+    torch.save({n: p.detach() for n, p in model.named_parameters()}, f"{tmp}/{probe}.replayed.pt")
+"""
+
+
+def test_replay_in_fresh_process_is_bitwise(tmp_path):
+    torch.manual_seed(3)
+    base = tiny_llama(torch.bfloat16)
+    torch.save(base.state_dict(), tmp_path / "base.pt")
+    trained = {}
+    for probe in ("hooks", "inplace"):
+        model = copy.deepcopy(base)
+        opt = train_with_incidents(model, probe)
+        opt.log.save(tmp_path / f"{probe}.zolog")
+        trained[probe] = snapshot(model)
+        if probe == "inplace":
+            assert [r.stop for r in opt.log.steps] == [-1, -1, 1, -1, 2, -1]
+    env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(Z.__file__))))
+    subprocess.run([sys.executable, "-c", REPLAY_SRC, str(tmp_path), "hooks", "inplace"], check=True, env=env,
+                   timeout=300)
+    for probe in ("hooks", "inplace"):
+        replayed = torch.load(tmp_path / f"{probe}.replayed.pt", weights_only=True)
+        assert bitwise_equal(trained[probe], replayed), probe
+        assert not bitwise_equal(trained[probe], snapshot(base))
+
+
+def test_replay_refuses_foreign_logs(tmp_path):
+    torch.manual_seed(4)
+    base = tiny_llama(torch.float32)
+    model = copy.deepcopy(base)
+    opt = make_opt(model, "hooks")
+    opt.step(lambda: model(**lm_batch()).loss)
+    path = tmp_path / "run.zolog"
+    opt.log.save(path)
+
+    wrong_base = copy.deepcopy(base)
+    with torch.no_grad():
+        wrong_base.model.layers[0].mlp.up_proj.weight[3, 5] += 1e-6
+    with pytest.raises(Z.LogMismatch, match="base weights.*up_proj"):
+        Z.replay(wrong_base, path, backend=BACKEND)
+    with pytest.raises(Z.LogMismatch, match="base weights"):
+        Z.replay(model, path, backend=BACKEND)  # already fine-tuned
+
+    log = FineTuneLog.load(path)
+    log.header["contract_version"] = C.CONTRACT_VERSION + 1
+    with pytest.raises(Z.LogMismatch, match="contract"):
+        Z.replay(copy.deepcopy(base), log, backend=BACKEND)
+    log = FineTuneLog.load(path)
+    name = next(iter(log.header["keys"]))
+    log.header["keys"][name] = str(12345)
+    with pytest.raises(Z.LogMismatch, match="key table"):
+        Z.replay(copy.deepcopy(base), log, backend=BACKEND)
+    with pytest.raises(Z.LogMismatch, match="not in the given model"):
+        Z.replay([(n, p) for n, p in copy.deepcopy(base).named_parameters() if "norm" not in n], path,
+                 backend=BACKEND)
+
+    good = copy.deepcopy(base)
+    Z.replay(good, path, backend=BACKEND)  # and the right base is accepted
+    assert bitwise_equal(snapshot(good), snapshot(model))
+
+
+# ----------------------------------------------------------------------------- the file
+def test_20k_step_log_is_small_and_round_trips(tmp_path):
+    model = tiny_llama(torch.float32)
+    opt = make_opt(model, "hooks")
+    log = FineTuneLog(opt.log.header)
+    g = torch.Generator().manual_seed(0)
+    grads = torch.randn(20000, 2, generator=g, dtype=torch.float64).tolist()
+    for t in range(20000):
+        lr = 1e-6 * 0.5 * (1 + math.cos(math.pi * t / 20000))  # cosine schedule: a new lr every step
+        log.append(StepRecord(C.step_seed(77, t), tuple(grads[t]), (lr, lr), (0.05, 0.0), skipped=(t % 997 == 0),
+                              stop=-1))
+    path = tmp_path / "big.zolog"
+    log.save(path)
+    size = os.path.getsize(path)
+    assert size < 600 * 1024, size  # seeds + grads alone are 20000 * 24 bytes of incompressible data
+    back = FineTuneLog.load(path)
+    assert back.steps == log.steps and back.header == log.header
+    state_back = FineTuneLog.from_state(log.state())
+    assert state_back.steps == log.steps
+
+
+def test_fingerprint_is_exact():
+    x = torch.randn(4099)
+    assert tensor_fingerprint(x) == tensor_fingerprint(x.clone())
+    y = x.clone()
+    y[17] = torch.nextafter(y[17], torch.tensor(math.inf))
+    assert tensor_fingerprint(y) != tensor_fingerprint(x)
+    z = torch.zeros(8)
+    assert tensor_fingerprint(z) != tensor_fingerprint(-z)  # -0.0 has other bits
+    swapped = x.clone()
+    swapped[[0, 1]] = swapped[[1, 0]]
+    assert tensor_fingerprint(swapped) != tensor_fingerprint(x)
+    b = x.bfloat16()
+    assert base_fingerprint([("w", b)])["digest"] != base_fingerprint([("w", b.half())])["digest"]
+    assert base_fingerprint([("module.w", b)]) == base_fingerprint([("w", b)])  # canonical names

@@ -1,0 +1,299 @@
+"""QuZO (Zhou et al., EMNLP 2025): zeroth-order fine-tuning of a quantized model, forward only.
+
+Step t, seed s_t = contract.step_seed(seed, t), queries q < n, for every QuantLinear (weight key k,
+grid values q_w, scale s):
+
+    D1_q = Q1(eps z_q / s)          SR on the format's grid, STREAM_QUZO_PROBE (query q)
+    mu_q = [L(q_w + D1_q) - L(q_w - D1_q)] / (2 eps)       (probe weights clamped to the grid)
+    update="single": q_w <- q_w - Q(lr * sum_q (mu_q / n) z_q / s)
+    update="paper" : q_w <- q_w - Q(lr * sum_q (mu_q / n) D2_q / eps),  D2_q = Q2(eps z_q / s),
+                     Q2 an SR independent of Q1 (STREAM_QUZO_UPDATE, query q)
+    Q: SR with STREAM_UPDATE_SR (query 0). Both forms are unbiased given z: E[mu D2 | z] = E[mu | z] eps z / s
+    because Q2 is independent of Q1 and of the activation SR; "single" rounds once and has less variance.
+(fp8: the probe weights are SR_e4m3(q_w +- eps z / s) and the update SR_e4m3(q_w - x); see quant.ops.)
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from .. import contract as C
+from ..quant import formats as F
+from ..quant import ops as QO
+from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
+from .zosgd import NonFiniteLoss
+
+PROBES = ("fused", "inplace")
+
+
+@dataclass(frozen=True)
+class QuZOConfig:
+    eps: float
+    n_queries: int
+    update: str = "single"
+    probe: str = "fused"
+    act_sr: bool = False
+    dist: str = "gaussian"
+    fmt: str = "int8"
+
+
+@dataclass
+class QuZORecord:
+    """One step: seed, projected gradients mu_q, lr per group, and saturation counts (elements clamped
+    at the grid edge in the probes and in the update)."""
+
+    seed: int
+    grads: tuple[float, ...]
+    lr: tuple[float, ...]
+    skipped: bool = False
+    probe_saturated: int = 0
+    update_saturated: int = 0
+
+
+@dataclass
+class QuZOLog:
+    config: dict
+    base_seed: int
+    names: list[str]
+    steps: list[QuZORecord] = field(default_factory=list)
+
+
+class QuZO(torch.optim.Optimizer):
+    """Zeroth-order SGD on the quantized weights of a model's QuantLinear layers (QuZO).
+
+    `model` may already be quantized (zokernels.quant.quantize_model); otherwise pass fmt= and it is
+    quantized in place here (quantize_kwargs go to quantize_model; the report is `self.quant_report`).
+    Only QuantLinear weights are trained; every other parameter (embeddings, norms, an excluded lm_head)
+    stays frozen. `step(closure)` runs 2 n_queries forwards under torch.no_grad() and eval mode and
+    returns the mean probe loss. torch's global RNG is never used.
+
+    Probes (`probe=`): "fused" (default): each QuantLinear computes its probe weights clamp(q +- D1)
+    during its own forward (drift-free, no restore; extra memory: one layer's weights in flight).
+    "inplace" (int8/int4): q <- clamp(q +- D1) in the buffers, forward, then exact restore (the
+    clamped elements' old values are recorded, so restore is bitwise even when the grid saturates).
+    Both give bitwise-identical losses.
+
+    act_sr (matmul="w8a8" layers): activations are rounded stochastically during probes, both probes
+    of a query drawing the same uniforms (common random numbers, STREAM_ACT_SR with the query).
+    """
+
+    def __init__(self, model: torch.nn.Module, lr: float, eps: float = 1e-3, *, fmt: str | None = None,
+                 n_queries: int = 1, seed: int | None = None, update: str = "single", act_sr: bool = False,
+                 probe: str = "fused", dist: str = "gaussian", nonfinite: str = "skip",
+                 cache_directions: bool | None = None, quantize_kwargs: dict | None = None):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError("QuZO takes the model (an nn.Module holding QuantLinear layers, or one to quantize "
+                            "with fmt=...)")
+        for v, what in ((lr, "lr"), (eps, "eps")):
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
+        if eps <= 0:
+            raise ValueError(f"eps must be > 0, got {eps}")
+        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= C.MAX_QUERIES:
+            raise ValueError(f"n_queries must be an int in [1, {C.MAX_QUERIES}], got {n_queries!r}")
+        if update not in QO.UPDATE_FORMS:
+            raise ValueError(f"update must be one of {QO.UPDATE_FORMS}, got {update!r}")
+        if probe not in PROBES:
+            raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
+        if nonfinite not in ("skip", "raise"):
+            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        C.check_dist(dist)
+        self.quant_report = None
+        layers = quant_layers(model)
+        if not layers:
+            if fmt is None:
+                raise ValueError("the model has no QuantLinear layers: pass fmt='int8'|'int4'|'fp8' to quantize "
+                                 "it, or call zokernels.quant.quantize_model first")
+            self.quant_report = quantize_model(model, fmt, **(quantize_kwargs or {}))
+            layers = quant_layers(model)
+            if not layers:
+                raise ValueError("quantize_model found no nn.Linear to quantize (all excluded?)")
+        fmts = {m.fmt for _, m in layers}
+        if fmt is not None and fmts != {fmt}:
+            raise ValueError(f"fmt={fmt!r} but the model's QuantLinear layers are {sorted(fmts)}")
+        if probe == "inplace" and "fp8" in fmts:
+            raise ValueError("probe='inplace' needs integer formats (fp8 probes are re-rounded, not offsets); "
+                             "use probe='fused'")
+        if act_sr and not any(m.matmul == "w8a8" for _, m in layers):
+            raise ValueError("act_sr=True needs W8A8 layers (quantize_model(..., matmul='w8a8'))")
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
+        self.base_seed = C.check_u64(seed, "seed")
+        self.model = model
+        self.nonfinite = nonfinite
+        self._names = [n for n, _ in layers]
+        self._layers = [m for _, m in layers]
+        for n, m in layers:
+            m.key = weight_key(C.canonical_name(n))
+        keys = [m.key for m in self._layers]
+        if len(set(keys)) != len(keys):
+            raise ValueError("two QuantLinear layers share a contract key (same canonical name)")
+        self.config = QuZOConfig(eps=float(eps), n_queries=n_queries, update=update, probe=probe,
+                                 act_sr=bool(act_sr), dist=dist, fmt=",".join(sorted(fmts)))
+        self._building = True
+        super().__init__([{"params": [m.qweight for m in self._layers]}], dict(lr=lr))
+        self._building = False
+        self._step = 0
+        # Keep each layer's z and Q1 offsets for the step (the - probe and the update reuse them): 3
+        # Philox passes per layer and query instead of 7. Costs 8 bytes per weight element (z float32 +
+        # offsets int32) while the step runs, so by default only where Philox is the slow reference (CPU).
+        if cache_directions is None:
+            cache_directions = all(m.qweight.device.type == "cpu" for m in self._layers)
+        self.cache_directions = bool(cache_directions)
+        self.log = QuZOLog(asdict(self.config), self.base_seed, list(self._names))
+
+    def add_param_group(self, param_group: dict) -> None:
+        if not getattr(self, "_building", False):
+            raise NotImplementedError("QuZO fixes its layers at construction; build a new optimizer instead")
+        super().add_param_group(param_group)
+
+    @property
+    def steps_taken(self) -> int:
+        return self._step
+
+    # ------------------------------------------------------------------ probes
+    @contextlib.contextmanager
+    def probing(self, spec: ProbeSpec):
+        """Forwards inside see probe `spec` (fused: set on each layer; inplace: q perturbed in the buffers)."""
+        undo = []
+        try:
+            if self.config.probe == "inplace":
+                for m in self._layers:
+                    qw = m.qw
+                    d = QO.probe_delta(qw, spec.seed, m.key, spec.query, spec.eps, spec.dist, spec.sr_seed,
+                                       spec.cache)
+                    d = d * spec.sign
+                    sat = QO.perturb_int_(qw, d)
+                    spec.saturated += sat.count
+                    undo.append((m, d, sat))
+                    spec.skip_keys.add(m.key)
+            for m in self._layers:
+                m.probe = spec
+            yield spec
+        finally:
+            for m in self._layers:
+                m.probe = None
+            for m, d, sat in reversed(undo):
+                QO.restore_int_(m.qw, d, sat)
+
+    def projected_grad(self, closure, seed: int, query: int, *, sr_seed: int | None = None,
+                       act_seed: int | None = None, act_seed_minus: int | None = None,
+                       cache: dict | None = None) -> tuple[float, float, int]:
+        """(L+, L-, saturated) of query `query` at step seed `seed`. sr_seed / act_seed (default seed)
+        redraw Q1 / the activation SR at a fixed z; act_seed_minus != act_seed breaks the common
+        random numbers (for tests)."""
+        cfg = self.config
+        losses, sat = [], 0
+        if cache is None and self.cache_directions:
+            cache = {}
+        for sign, aseed in ((+1, act_seed), (-1, act_seed if act_seed_minus is None else act_seed_minus)):
+            spec = ProbeSpec(seed, query, sign, cfg.eps, cfg.dist, cfg.act_sr, sr_seed, aseed, cache=cache)
+            with self.probing(spec):
+                losses.append(_scalar_loss(closure()))
+            sat += spec.saturated
+        return losses[0], losses[1], sat
+
+    # ------------------------------------------------------------------ step
+    def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> torch.Tensor:
+        """One QuZO step; closure() runs a forward and returns a scalar loss. Returns the mean probe loss."""
+        if closure is None:
+            raise ValueError("QuZO.step needs a closure returning the loss (called 2 * n_queries times)")
+        cfg = self.config
+        seed = C.step_seed(self.base_seed, self._step)
+        lrs = tuple(float(g["lr"]) for g in self.param_groups)
+        plus, minus, sat = [], [], 0
+        cache = {} if self.cache_directions else None
+        with torch.no_grad(), self._eval_mode():
+            for q in range(cfg.n_queries):
+                lp, lm, s = self.projected_grad(closure, seed, q, cache=cache)
+                plus.append(lp)
+                minus.append(lm)
+                sat += s
+            loss = sum(plus + minus) / (2 * cfg.n_queries)
+            grads = tuple((p - m) / (2.0 * cfg.eps) for p, m in zip(plus, minus))
+            if not all(math.isfinite(g) for g in grads) or not math.isfinite(loss):
+                self._commit(QuZORecord(seed, (math.nan,) * cfg.n_queries, lrs, True, sat))
+                msg = f"QuZO step {self._step - 1}: non-finite loss or gradient {grads}; step skipped"
+                if self.nonfinite == "raise":
+                    raise NonFiniteLoss(msg)
+                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                return torch.tensor(loss, dtype=torch.float32)
+            record = QuZORecord(seed, grads, lrs, False, sat)
+            record.update_saturated = apply_record(self._layers, record, cfg, cache)
+        self._commit(record)
+        return torch.tensor(loss, dtype=torch.float32)
+
+    def _commit(self, record: QuZORecord) -> None:
+        self.log.steps.append(record)
+        self._step += 1
+
+    @contextlib.contextmanager
+    def _eval_mode(self):
+        modes = [(m, m.training) for m in self.model.modules()]
+        self.model.eval()
+        try:
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+
+    def state_dict(self) -> dict:
+        sd = super().state_dict()
+        sd["quzo"] = {"base_seed": self.base_seed, "step": self._step, "config": asdict(self.config),
+                      "steps": [asdict(r) for r in self.log.steps]}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        state_dict = dict(state_dict)
+        extra = state_dict.pop("quzo", None)
+        if extra is None:
+            raise ValueError("not a QuZO state dict (no 'quzo' entry)")
+        if extra["config"] != asdict(self.config):
+            raise ValueError(f"QuZO config differs from the saved one: {extra['config']} vs {asdict(self.config)}")
+        super().load_state_dict(state_dict)
+        self.base_seed = int(extra["base_seed"])
+        self._step = int(extra["step"])
+        self.log.steps = [QuZORecord(**{**r, "grads": tuple(r["grads"]), "lr": tuple(r["lr"])})
+                          for r in extra["steps"]]
+
+
+def apply_record(layers: list[QuantLinear], record: QuZORecord, config: QuZOConfig,
+                 cache: dict | None = None) -> int:
+    """The weight change of one logged step (no forward): what QuZO.step and replay_quzo both run."""
+    if record.skipped:
+        return 0
+    coeffs = tuple(g / config.n_queries for g in record.grads)
+    lr = record.lr[0]
+    if lr == 0.0:
+        return 0
+    return sum(QO.apply_update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update, config.dist,
+                                cache) for m in layers)
+
+
+def replay_quzo(model: torch.nn.Module, log: QuZOLog) -> None:
+    """Re-apply a QuZO log to the base quantized model (same quantization), bitwise, without forwards."""
+    layers = dict(quant_layers(model))
+    missing = [n for n in log.names if n not in layers]
+    if missing:
+        raise ValueError(f"layers of the log are not in the model: {missing[:5]}")
+    mods = [layers[n] for n in log.names]
+    for n, m in zip(log.names, mods):
+        m.key = weight_key(C.canonical_name(n))
+    config = QuZOConfig(**log.config)
+    with torch.no_grad():
+        for record in log.steps:
+            apply_record(mods, record, config)
+
+
+def _scalar_loss(loss) -> float:
+    if isinstance(loss, torch.Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"the closure must return a scalar loss; got shape {tuple(loss.shape)}")
+        return float(loss.detach().reshape(()).item())
+    return float(loss)
