@@ -1,0 +1,180 @@
+"""QuantLinear (a quantized nn.Linear) and quantize_model (swap every nn.Linear for one).
+
+Forward paths (`matmul=`):
+  "dequant": y = x @ (q * s)^T + b in float32 (W8/W4/FP8 with 16/32-bit activations; the reference
+             path, and W4A16 / FP8 on CPU).
+  "w8a8"   : int8 only. Activations quantized per token (s_m = amax_m / 127), to nearest or, during a
+             QuZO probe with act_sr, stochastically (STREAM_ACT_SR, the probe's query, the layer key,
+             j = m * K + k: both probes of a query draw the same uniforms); int8 x int8 -> int32
+             accumulation, then y = acc * s_m * s_n + b (zokernels.quant.ops.w8a8_matmul).
+
+During a QuZO probe the optimizer sets `probe` on every QuantLinear; the forward then uses the probe
+weights clamp(q +- Q1(eps z / s)) computed on the fly (drift-free: q itself is never written, the
+scratch lives for this layer's forward only).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import contract as C
+from . import formats as F
+from . import ops as Q
+
+MATMULS = ("dequant", "w8a8")
+
+
+@dataclass
+class ProbeSpec:
+    """Probe (query, sign) of step seed `seed`; sr_seed / act_seed default to seed (tests redraw them)."""
+
+    seed: int
+    query: int
+    sign: int
+    eps: float
+    dist: str = "gaussian"
+    act_sr: bool = False
+    sr_seed: int | None = None
+    act_seed: int | None = None
+    saturated: int = 0
+    cache: dict | None = None    # shared by the probes and the update of one step (see ops._z)
+    skip_keys: set = field(default_factory=set)   # layers already perturbed in place (inplace probes)
+
+
+class QuantLinear(torch.nn.Module):
+    """y = x W^T + b with W stored quantized (see zokernels.quant.formats). Buffers: qweight, scale,
+    bias (None or float); nothing here requires grad."""
+
+    def __init__(self, qw: F.QuantizedWeight, bias: torch.Tensor | None, *, matmul: str = "dequant",
+                 matmul_backend: str = "auto", out_dtype: torch.dtype = torch.float32, key: int = 0):
+        super().__init__()
+        if matmul not in MATMULS:
+            raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
+        if matmul == "w8a8" and qw.fmt != "int8":
+            raise ValueError(f"matmul='w8a8' needs fmt='int8', not {qw.fmt!r}")
+        self.fmt = qw.fmt
+        self.out_features, self.in_features = qw.shape
+        self.group_size = qw.group_size
+        self.matmul = matmul
+        self.matmul_backend = matmul_backend
+        self.out_dtype = out_dtype
+        self.key = key
+        self.probe: ProbeSpec | None = None
+        self.register_buffer("qweight", qw.q)
+        self.register_buffer("scale", qw.scale)
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+
+    @property
+    def qw(self) -> F.QuantizedWeight:
+        """A view of the buffers (in-place ops on it change the module)."""
+        return F.QuantizedWeight(self.fmt, self.qweight, self.scale, (self.out_features, self.in_features),
+                                 self.group_size)
+
+    def extra_repr(self) -> str:
+        g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
+        return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}, "
+                f"matmul={self.matmul}, bias={self.bias is not None}")
+
+    def nbytes(self) -> int:
+        b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
+        return self.qw.nbytes() + b
+
+    def _probe_values(self) -> torch.Tensor | None:
+        spec = self.probe
+        if spec is None or self.key in spec.skip_keys:
+            return None
+        res = Q.probe_values(self.qw, spec.seed, self.key, spec.query, spec.eps, spec.sign, spec.dist,
+                             spec.sr_seed, spec.cache)
+        spec.saturated += res.saturated
+        return res.values
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        vals = self._probe_values()
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features)
+        if self.matmul == "w8a8":
+            wq = self.qweight if vals is None else vals.to(torch.int8)
+            spec = self.probe
+            v = None
+            if spec is not None and spec.act_sr:
+                act_seed = spec.seed if spec.act_seed is None else spec.act_seed
+                v = Q.activation_uniforms(x2.shape, act_seed, self.key, spec.query, x.device)
+            xq, xs = Q.quantize_activations(x2, v)
+            y = Q.w8a8_matmul(xq, xs, wq, self.scale.reshape(-1), self.bias, self.matmul_backend)
+        else:
+            w = F.dequantize(self.qw, vals)
+            y = x2.to(torch.float32) @ w.t()
+            if self.bias is not None:
+                y = y + self.bias.to(torch.float32)
+        return y.to(x.dtype if x.is_floating_point() else self.out_dtype).reshape(*lead, self.out_features)
+
+
+@dataclass
+class QuantReport:
+    """Bytes of the replaced nn.Linear weights + biases before and after, and the layers swapped."""
+
+    fmt: str
+    layers: list[str]
+    bytes_before: int
+    bytes_after: int
+    model_bytes_before: int
+    model_bytes_after: int
+
+    @property
+    def saved(self) -> int:
+        return self.bytes_before - self.bytes_after
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        return (f"quantize_model({self.fmt}): {len(self.layers)} linear layers, {self.bytes_before / mib:.2f} MiB "
+                f"-> {self.bytes_after / mib:.2f} MiB ({self.bytes_before / max(self.bytes_after, 1):.2f}x); "
+                f"model {self.model_bytes_before / mib:.2f} -> {self.model_bytes_after / mib:.2f} MiB")
+
+
+def _excluded(name: str, exclude) -> bool:
+    return any(name == e or name.endswith("." + e) for e in exclude)
+
+
+def _model_bytes(model: torch.nn.Module) -> int:
+    seen, total = set(), 0
+    for t in list(model.parameters()) + list(model.buffers()):
+        if id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def quant_layers(model: torch.nn.Module) -> list[tuple[str, QuantLinear]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, QuantLinear)]
+
+
+def weight_key(module_name: str) -> int:
+    """Contract key of a QuantLinear's weight: param_key('<module>.weight') (the nn.Linear's name)."""
+    return C.param_key(f"{module_name}.weight" if module_name else "weight")
+
+
+@torch.no_grad()
+def quantize_model(model: torch.nn.Module, fmt: str = "int8", *, exclude=("lm_head",), group_size: int = 128,
+                   rounding: str = "nearest", seed: int = 0, matmul: str = "dequant",
+                   matmul_backend: str = "auto") -> QuantReport:
+    """Replace every nn.Linear of `model` (in place) whose name is not in `exclude` (exact name or last
+    segments, e.g. "lm_head") by a QuantLinear of format fmt ("int8" | "int4" | "fp8"). Quantization
+    rounds to nearest or stochastically (STREAM_QUANT_SR, `seed`, the weight's key). Returns a QuantReport."""
+    F.check_format(fmt)
+    before_model = _model_bytes(model)
+    targets = [(n, m) for n, m in model.named_modules()
+               if type(m) is torch.nn.Linear and not _excluded(n, exclude)]
+    before = after = 0
+    for name, lin in targets:
+        key = weight_key(name)
+        qw = F.quantize_weight(lin.weight, fmt, rounding=rounding, seed=seed, key=key, group_size=group_size)
+        new = QuantLinear(qw, lin.bias, matmul=matmul, matmul_backend=matmul_backend,
+                          out_dtype=lin.weight.dtype, key=key)
+        before += lin.weight.numel() * lin.weight.element_size()
+        if lin.bias is not None:
+            before += lin.bias.numel() * lin.bias.element_size()
+        after += new.nbytes()
+        parent = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+        setattr(parent, name.rpartition(".")[2], new)
+    return QuantReport(fmt, [n for n, _ in targets], before, after, before_model, _model_bytes(model))
