@@ -28,7 +28,10 @@ try:
     _IMPORT_ERROR: str | None = None
 except ImportError as e:  # not built, or built for another Python
     _ext = None
-    _IMPORT_ERROR = f"{NOT_BUILT} [{e}]" if "No module named" not in str(e) else NOT_BUILT
+    # a module that exists but does not load (other Python ABI, missing symbol) says why
+    _missing = "No module named" in str(e) or "cannot import name '_cuda'" in str(e)
+    _IMPORT_ERROR = NOT_BUILT if _missing else (f"zokernels._cuda does not load ({e}); rebuild it with "
+                                                  "CUDA_HOME set: pip install --no-build-isolation .")
 
 _DTYPE_TAG = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DIST_TAG = {"gaussian": 0, "rademacher": 1}
