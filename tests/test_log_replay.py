@@ -208,16 +208,18 @@ def test_20k_step_log_is_small_and_round_trips(tmp_path):
     model = tiny_llama(torch.float32)
     opt = make_opt(model, "hooks")
     log = FineTuneLog(opt.log.header)
+    log.header["n_queries"] = 1  # MeZO's setting: Q = 1, decay / no-decay groups, a decaying lr
     g = torch.Generator().manual_seed(0)
-    grads = torch.randn(20000, 2, generator=g, dtype=torch.float64).tolist()
+    grads = torch.randn(20000, generator=g, dtype=torch.float64).tolist()
     for t in range(20000):
-        lr = 1e-6 * 0.5 * (1 + math.cos(math.pi * t / 20000))  # cosine schedule: a new lr every step
-        log.append(StepRecord(C.step_seed(77, t), tuple(grads[t]), (lr, lr), (0.05, 0.0), skipped=(t % 997 == 0),
+        lr = 1e-6 * (1 - t / 20000)  # a new lr every step
+        log.append(StepRecord(C.step_seed(77, t), (grads[t],), (lr, lr), (0.05, 0.0), skipped=(t % 997 == 0),
                               stop=-1))
     path = tmp_path / "big.zolog"
     log.save(path)
     size = os.path.getsize(path)
-    assert size < 600 * 1024, size  # seeds + grads alone are 20000 * 24 bytes of incompressible data
+    # seeds + grads are 20000 * 16 bytes of incompressible data; measured ~0.4 MB in all
+    assert 300_000 < size < 512 * 1024, size
     back = FineTuneLog.load(path)
     assert back.steps == log.steps and back.header == log.header
     state_back = FineTuneLog.from_state(log.state())
