@@ -259,3 +259,138 @@ def zo_update_(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, keys, 
     spec = UpdateSpec(seed, coeffs, dist, rounding, sr_stream, restore_scale, restore_query)
     for g in _group(tensors, keys, offsets, lrs, wds):
         select_backend(g.device, backend).zo_update_(g, spec)
+
+
+# ----------------------------------------------------------------------------- masked ops (MaZO)
+MASKED_OPS = ("masked_perturb_", "masked_zo_update_")
+
+
+def _masked_backend(device: torch.device, backend: str):
+    """Like select_backend, but only backends that implement the masked ops: 'auto' takes the first
+    usable of cuda, triton (GPU only), reference that has them."""
+    if backend == "auto":
+        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+    if backend != "auto":
+        mod = registry.require(backend, device)
+        if not all(hasattr(mod, op) for op in MASKED_OPS):
+            raise registry.BackendUnavailable(f"backend {backend!r} does not implement the masked ops")
+        return mod
+    for name in registry.ORDER:
+        if registry.not_supported(name, device) is None:
+            if name == "triton" and torch.device(device).type == "cpu":
+                continue
+            mod = registry.require(name, device)
+            if all(hasattr(mod, op) for op in MASKED_OPS):
+                return mod
+    return registry.require("reference", device)
+
+
+def _masks(masks, tensors: list[torch.Tensor], what: str) -> list:
+    """One mask per tensor (duck-typed zokernels.mazo.ParamMask: kind, shape, index, block), same
+    shape, index on the tensor's device."""
+    if not isinstance(masks, (list, tuple)):
+        masks = [masks]
+    masks = list(masks)
+    if len(masks) != len(tensors):
+        raise OpError(f"{what}: expected {len(tensors)} masks (one per tensor), got {len(masks)}")
+    for i, (m, t) in enumerate(zip(masks, tensors)):
+        if not all(hasattr(m, a) for a in ("kind", "shape", "index", "block")):
+            raise OpError(f"{what}: mask {i} is a {type(m).__name__}, not a zokernels.mazo.ParamMask")
+        if tuple(m.shape) != tuple(t.shape):
+            raise OpError(f"{what}: mask {i} has shape {tuple(m.shape)}, its tensor {tuple(t.shape)}")
+        if m.index.device != t.device:
+            raise OpError(f"{what}: mask {i} lives on {m.index.device}, its tensor on {t.device}; "
+                          "move the mask with mask.to(device)")
+    return masks
+
+
+def _masked_groups(tensors, masks, keys, offsets, lrs=None, wds=None):
+    """(Group, masks of the group) per (device, dtype)."""
+    index = {id(t): i for i, t in enumerate(tensors)}
+    return [(g, [masks[index[id(t)]] for t in g.tensors]) for g in _group(tensors, keys, offsets, lrs, wds)]
+
+
+def masked_perturb_(tensors, masks, seed: int, scale: float, keys, *, query: int = 0, dist: str = "gaussian",
+                    offsets=None, rounding: str = "nearest", sr_stream: int = C.STREAM_PROBE_SR_POS,
+                    backend: str = "auto") -> None:
+    """In place, masked elements only: theta[m] <- R(theta[m] + scale * z_query[m]); z[m] is the dense
+    contract's z of (key, j = offset + m); unmasked elements are not read or written. Mutates `tensors`."""
+    tensors = _as_list(tensors, "masked_perturb_")
+    masks = _masks(masks, tensors, "masked_perturb_")
+    keys = _keys(keys, len(tensors))
+    offsets = _offsets(offsets, tensors)
+    C.check_u64(seed, "seed")
+    scale = _f32(scale, "scale")
+    C.check_query(query)
+    C.check_dist(dist)
+    C.check_rounding(rounding)
+    C.check_stream(sr_stream)
+    for g, gm in _masked_groups(tensors, masks, keys, offsets):
+        _masked_backend(g.device, backend).masked_perturb_(g, gm, None, seed, scale, query, dist, rounding,
+                                                           sr_stream)
+
+
+def masked_perturbed_copy(tensors, masks, seed: int, scale: float, keys, *, query: int = 0,
+                          dist: str = "gaussian", offsets=None, rounding: str = "nearest",
+                          sr_stream: int = C.STREAM_PROBE_SR_POS, outs=None, backend: str = "auto"):
+    """out[m] = R(theta[m] + scale * z_query[m]) on masked elements only.
+
+    outs=None: out starts as a clone of theta (a dense copy: its traffic is the full tensor's).
+    outs given: only the masked elements of outs are written — the caller keeps outs equal to theta
+    elsewhere (a persistent probe scratch: theta's unmasked elements never change under masked
+    training, so traffic per probe scales with the mask)."""
+    single = isinstance(tensors, torch.Tensor)
+    tensors = _as_list(tensors, "masked_perturbed_copy")
+    masks = _masks(masks, tensors, "masked_perturbed_copy")
+    keys = _keys(keys, len(tensors))
+    offsets = _offsets(offsets, tensors)
+    C.check_u64(seed, "seed")
+    scale = _f32(scale, "scale")
+    C.check_query(query)
+    C.check_dist(dist)
+    C.check_rounding(rounding)
+    C.check_stream(sr_stream)
+    if outs is None:
+        outs = [t.clone() for t in tensors]
+    else:
+        outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
+        if len(outs) != len(tensors):
+            raise OpError("masked_perturbed_copy: outs must have one tensor per input")
+        for i, (o, t) in enumerate(zip(outs, tensors)):
+            if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device or not o.is_contiguous():
+                raise OpError(f"masked_perturbed_copy: outs[{i}] must be contiguous with shape {tuple(t.shape)}, "
+                              f"dtype {t.dtype}, device {t.device}")
+    index = {id(t): i for i, t in enumerate(tensors)}
+    for g, gm in _masked_groups(tensors, masks, keys, offsets):
+        g_outs = [outs[index[id(t)]] for t in g.tensors]
+        _masked_backend(g.device, backend).masked_perturb_(g, gm, g_outs, seed, scale, query, dist, rounding,
+                                                           sr_stream)
+    return outs[0] if single else outs
+
+
+def masked_zo_update_(tensors, masks, seed: int, keys, coeffs: Sequence[float], lr, weight_decay=0.0, *,
+                      dist: str = "gaussian", offsets=None, rounding: str = "stochastic",
+                      restore_scale: float | None = None, restore_query: int = 0,
+                      sr_stream: int = C.STREAM_UPDATE_SR, backend: str = "auto") -> None:
+    """zo_update_ on masked elements only (weight decay too): for each masked m,
+    theta[m] <- R(theta'[m] - lr * (sum_q coeffs[q] z_q[m] + wd * theta'[m])), theta' = theta
+    (+ restore_scale * z_{restore_query}); unmasked elements are never read or written."""
+    tensors = _as_list(tensors, "masked_zo_update_")
+    masks = _masks(masks, tensors, "masked_zo_update_")
+    keys = _keys(keys, len(tensors))
+    offsets = _offsets(offsets, tensors)
+    C.check_u64(seed, "seed")
+    coeffs = tuple(_f32(c, "coeff") for c in coeffs)
+    if len(coeffs) > C.MAX_QUERIES:
+        raise OpError(f"at most {C.MAX_QUERIES} queries per update, got {len(coeffs)}")
+    lrs = _per_tensor(lr, len(tensors), "lr", lambda v: _f32(v, "lr"))
+    wds = _per_tensor(weight_decay, len(tensors), "weight_decay", lambda v: _f32(v, "weight_decay"))
+    C.check_dist(dist)
+    C.check_rounding(rounding)
+    C.check_stream(sr_stream)
+    if restore_scale is not None:
+        restore_scale = _f32(restore_scale, "restore_scale")
+        C.check_query(restore_query)
+    spec = UpdateSpec(seed, coeffs, dist, rounding, sr_stream, restore_scale, restore_query)
+    for g, gm in _masked_groups(tensors, masks, keys, offsets, lrs, wds):
+        _masked_backend(g.device, backend).masked_zo_update_(g, gm, spec)

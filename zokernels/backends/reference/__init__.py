@@ -94,3 +94,4 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
             chunk.copy_(P.round_to(new, t.dtype, spec.rounding,
                                    lambda: P.uniform_range(off + start, n, spec.seed, key, 0, spec.sr_stream,
                                                            t.device)))
+from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
