@@ -60,6 +60,13 @@ class ParamTable:
     tensors: list[torch.Tensor]
     keys: list[int]
     group_of: list[int]
+    # Sharded parameters (zokernels.distributed): tensors[i] is a local shard whose element 0 is
+    # global element offsets[i]; `sharded` are the DTensor parameters' indices (None/empty: unsharded).
+    offsets: list[int] | None = None
+    sharded: frozenset[int] = frozenset()
+
+    def offsets_of(self, idx) -> list[int] | None:
+        return None if self.offsets is None else [self.offsets[i] for i in idx]
 
 
 @dataclass(frozen=True)
@@ -105,14 +112,15 @@ def apply_update(params: ParamTable, record: StepRecord, config: StepConfig, bac
     ops.zo_update_([params.tensors[i] for i in idx], record.seed, [params.keys[i] for i in idx],
                    update_coeffs(record.grads, config.n_queries), [lrs[i] for i in idx],
                    [wds[i] for i in idx], dist=config.dist, rounding=config.update_rounding,
-                   restore_scale=restore_scale, restore_query=restore_query, backend=backend)
+                   restore_scale=restore_scale, restore_query=restore_query,
+                   offsets=params.offsets_of(idx), backend=backend)
 
 
 def perturb_all(params: ParamTable, seed: int, query: int, scale: float, config: StepConfig,
                 backend: str = "auto") -> None:
     """In-place probe pass: theta <- RN(theta + scale z_query) (MeZO rounds to nearest)."""
     ops.perturb_(params.tensors, seed, scale, params.keys, query=query, dist=config.dist,
-                 rounding="nearest", backend=backend)
+                 rounding="nearest", offsets=params.offsets, backend=backend)
 
 
 def inplace_events(config: StepConfig) -> list:
