@@ -69,7 +69,7 @@ class StorageReads(TorchDispatchMode):
 def watch_original_storages(params: ParamTable) -> dict[int, list[int]]:
     watched: dict[int, list[int]] = {}
     for i, t in enumerate(params.tensors):
-        if t.numel():
+        if t.numel() and i not in params.sharded:  # shards are read on purpose (FSDP all-gathers them)
             watched.setdefault(t.untyped_storage().data_ptr(), []).append(i)
     return watched
 
@@ -108,14 +108,29 @@ class Prober:
             if model is None:
                 raise ValueError("probe='hooks' needs the model (pass model= or an nn.Module as params)")
             self.owners, self.whole = owned_params(model, params)
+        # Local shards of DTensor parameters: written in place for the whole closure, see in_storage().
+        self.sharded = set(params.sharded)
+        self.whole -= self.sharded
 
     def scratch(self, idx: list[int], seed: int, query: int, sign: int) -> list[torch.Tensor]:
         """R(theta_i + sign * eps * z_query) for i in idx; R's uniforms: stream 1 (+) or 2 (-)."""
-        return ops.perturbed_copy([self.params.tensors[i] for i in idx], seed, sign * self.config.eps,
+        return self._perturbed_copy([self.params.tensors[i] for i in idx], idx, seed, query, sign)
+
+    def _perturbed_copy(self, sources, idx, seed, query, sign, outs=None) -> list[torch.Tensor]:
+        return ops.perturbed_copy(sources, seed, sign * self.config.eps,
                                   [self.params.keys[i] for i in idx], query=query, dist=self.config.dist,
                                   rounding=self.config.probe_rounding,
                                   sr_stream=C.STREAM_PROBE_SR_POS if sign > 0 else C.STREAM_PROBE_SR_NEG,
-                                  backend=self.backend)
+                                  offsets=self.params.offsets_of(idx), outs=outs, backend=self.backend)
+
+    def in_storage(self, idx: list[int], seed: int, query: int, sign: int) -> list[torch.Tensor]:
+        """Write R(theta_i + sign eps z_query) into tensors[i]'s own storage; return the backups that
+        restore it exactly. For DTensor local shards: FSDP2 all-gathers from that storage (a `.data`
+        swap would not be seen), so the forward reads the perturbed full tensor — bitwise the unsharded
+        run's scratch, since z and the rounding uniforms are keyed by global index."""
+        backups = [self.params.tensors[i].clone() for i in idx]
+        self._perturbed_copy(backups, idx, seed, query, sign, outs=[self.params.tensors[i] for i in idx])
+        return backups
 
     @contextlib.contextmanager
     def perturbed(self, seed: int, query: int, sign: int, reads: StorageReads | None = None) -> Iterator[None]:
@@ -125,6 +140,8 @@ class Prober:
         hook_saved: dict[int, torch.Tensor] = {}
         depth: dict[int, int] = {}
         handles = []
+        sharded = sorted(self.sharded)
+        shard_backups: list[torch.Tensor] = []
 
         def swap_in(idx: list[int], saved: dict[int, torch.Tensor]) -> None:
             for i, s in zip(idx, self.scratch(idx, seed, query, sign)):
@@ -151,6 +168,8 @@ class Prober:
 
         try:
             with quiet():
+                if sharded:
+                    shard_backups = self.in_storage(sharded, seed, query, sign)
                 whole = sorted(self.whole)
                 if whole:
                     swap_in(whole, whole_saved)
@@ -167,3 +186,6 @@ class Prober:
                 for i, original in saved.items():
                     tensors[i].data = original
                 saved.clear()
+            with quiet():
+                for i, backup in zip(sharded, shard_backups):
+                    tensors[i].copy_(backup)
