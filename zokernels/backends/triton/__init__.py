@@ -327,3 +327,4 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
             _c1_high(spec.restore_query if restore else 0, C.STREAM_Z), _c1_high(0, spec.sr_stream),
             KIND=_KIND[group.dtype], GAUSSIAN=spec.dist == "gaussian", STOCHASTIC=stochastic, RESTORE=restore,
             BLOCKS=blocks)
+from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)

@@ -1,0 +1,151 @@
+"""Masked ops of the Triton backend (MaZO): host side. Kernels: masked_kernels.py (imported lazily).
+
+A Group's tensors are split into launch sets by mask format, index dtype and (block masks) run
+geometry; one launch per set, tensors addressed from one base pointer plus int64 deltas, as in the
+dense kernels. Masks are duck-typed (kind, shape, index, block; see zokernels.mazo.masks).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ... import contract as C
+from .._common import Group, UpdateSpec
+from . import _KIND, _cached, _deltas, _i64, _launch, _lr_wd, _pointer, _seed_words, _c1_high
+
+FORMATS = {"rows": 0, "blocks": 1, "bits": 2}
+# Elements per program (rows), Philox rows per tile (blocks, bits). GPU values are starting points
+# pending measurement; the interpreter prefers big tiles (fixed cost per tile operation).
+BLOCKS_GPU = {0: 1024, 1: 512, 2: 512}
+BLOCKS_INTERPRETER = {0: 4096, 1: 1024, 2: 1024}
+
+_mk = None
+
+
+def _kernels():
+    global _mk
+    if _mk is None:
+        from . import _k
+        _k()  # raises with the reason if triton or the dense kernels are unusable
+        from . import masked_kernels
+        _mk = masked_kernels
+    return _mk
+
+
+def _matrix(shape) -> tuple[int, int]:
+    numel = math.prod(shape)
+    if len(shape) <= 1 or shape[0] == 0:
+        return 1, numel
+    return int(shape[0]), numel // int(shape[0])
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def _geometry(mask, offset: int) -> tuple[int, int, int]:
+    """(FORMAT, NPB, BCOLS) of a mask on a tensor at `offset`."""
+    fmt = FORMATS[mask.kind]
+    if fmt != 1:
+        return fmt, 1, 1
+    ncols = _matrix(mask.shape)[1]
+    aligned = offset % 4 == 0 and ncols % 4 == 0 and mask.block % 4 == 0
+    return fmt, _next_pow2(-(-mask.block // 4) + (0 if aligned else 1)), mask.block
+
+
+def _launch_sets(group: Group, masks: list):
+    """{(FORMAT, NPB, BCOLS, index dtype): [positions in the group]} for non-empty tensors."""
+    sets: dict[tuple, list[int]] = {}
+    for i, (t, m, off) in enumerate(zip(group.tensors, masks, group.offsets)):
+        if t.numel() and m.index.numel():
+            sets.setdefault(_geometry(m, off) + (m.index.dtype,), []).append(i)
+    return sets
+
+
+def _tables(tensors, masks, keys, offsets, outs, fmt: int, npb: int, blocks: int):
+    """(tensor table [T, 8], chunk table [P, 2], programs, base position) for one launch set."""
+    base = 0
+    w_d = _deltas(tensors, base)
+    i_d = _deltas([m.index for m in masks], base)
+    o_d = _deltas(outs, base) if outs is not None else w_d
+    rows = []
+    for t, m, k, off, wd, idd, od in zip(tensors, masks, keys, offsets, w_d, i_d, o_d):
+        nrows, ncols = _matrix(m.shape)
+        if fmt == 2:
+            kk, count = 1, t.numel()
+        else:
+            kk, count = int(m.index.shape[1]), m.index.numel()
+        rows.append((wd, idd, kk, ncols, _i64(k), off, count, od))
+    device = tensors[0].device
+    rows = tuple(rows)
+
+    def build():
+        tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, 8)
+        chunks = []
+        for ti, r in enumerate(rows):
+            off, count = r[5], r[6]
+            if fmt == 0:
+                starts = range(0, count, blocks)
+            elif fmt == 1:
+                starts = range(0, count, blocks // npb)
+            else:
+                first, last = off >> 2, (off + count - 1) >> 2
+                starts = range(first, last + 1, blocks)
+            chunks.extend((ti, s) for s in starts)
+        ch = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
+        return tab.to(device), ch.to(device), len(chunks)
+
+    return _cached(("masked", device, fmt, npb, blocks, rows), build)
+
+
+def _blocks(device: torch.device, fmt: int, npb: int) -> int:
+    b = (BLOCKS_INTERPRETER if device.type == "cpu" else BLOCKS_GPU)[fmt]
+    return max(b, npb)
+
+
+def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, seed: int, scale: float,
+                    query: int, dist: str, rounding: str, sr_stream: int) -> None:
+    """dst[m] = R(theta[m] + scale * z_query[m]) on masked m; dst = theta (outs None) or outs[i]."""
+    mk = _kernels()
+    device = group.device
+    stochastic = rounding == "stochastic" and group.dtype != torch.float32
+    for (fmt, npb, bcols, _), pos in _launch_sets(group, masks).items():
+        tensors = [group.tensors[i] for i in pos]
+        ms = [masks[i] for i in pos]
+        o = [outs[i] for i in pos] if outs is not None else None
+        blocks = _blocks(device, fmt, npb)
+        tab, chunks, programs = _tables(tensors, ms, [group.keys[i] for i in pos], [group.offsets[i] for i in pos],
+                                        o, fmt, npb, blocks)
+        if not programs:
+            continue
+        src = _pointer(tensors[0])
+        dst = _pointer(o[0]) if o is not None else src
+        _launch(mk.masked_perturb_kernel, (programs,), device, src, dst, ms[0].index, tab, chunks,
+                *_seed_words(seed), _c1_high(query, C.STREAM_Z), _c1_high(query, sr_stream), float(scale),
+                FORMAT=fmt, KIND=_KIND[group.dtype], GAUSSIAN=dist == "gaussian", STOCHASTIC=stochastic,
+                COPY=o is not None, BLOCKS=blocks, NPB=npb, BCOLS=bcols)
+
+
+def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
+    """theta[m] <- R(theta'[m] - lr (sum_q c_q z_q[m] + wd theta'[m])) on masked m; one launch per set."""
+    mk = _kernels()
+    device = group.device
+    stochastic = spec.rounding == "stochastic" and group.dtype != torch.float32
+    restore = spec.restore_scale is not None
+    coeffs = torch.tensor(list(spec.coeffs) or [0.0], dtype=torch.float32, device=device)
+    for (fmt, npb, bcols, _), pos in _launch_sets(group, masks).items():
+        tensors = [group.tensors[i] for i in pos]
+        ms = [masks[i] for i in pos]
+        blocks = _blocks(device, fmt, npb)
+        tab, chunks, programs = _tables(tensors, ms, [group.keys[i] for i in pos], [group.offsets[i] for i in pos],
+                                        None, fmt, npb, blocks)
+        if not programs:
+            continue
+        lrwd = _lr_wd([group.lrs[i] for i in pos], [group.wds[i] for i in pos], device)
+        _launch(mk.masked_update_kernel, (programs,), device, _pointer(tensors[0]), ms[0].index, tab, chunks, lrwd,
+                coeffs, len(spec.coeffs), *_seed_words(spec.seed),
+                float(spec.restore_scale) if restore else 0.0,
+                _c1_high(spec.restore_query if restore else 0, C.STREAM_Z), _c1_high(0, spec.sr_stream),
+                FORMAT=fmt, KIND=_KIND[group.dtype], GAUSSIAN=spec.dist == "gaussian", STOCHASTIC=stochastic,
+                RESTORE=restore, BLOCKS=blocks, NPB=npb, BCOLS=bcols)
