@@ -1,0 +1,267 @@
+"""ZOTrainer and label-position scoring on tiny randomly initialised HF Llama models (CPU, seconds)."""
+import copy
+import os
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="transformers is not installed")
+from transformers import LlamaConfig, LlamaForCausalLM, TrainingArguments  # noqa: E402
+
+import zokernels  # noqa: E402
+from zokernels.hf.scoring import (PromptTask, VerbalizerCollator, VerbalizerObjective,  # noqa: E402
+                                  candidate_scores, label_position_logits)
+from zokernels.hf.trainer import ZOTrainer  # noqa: E402
+
+VOCAB = 61
+
+
+class CharTokenizer:
+    """A deterministic stand-in tokenizer: one token per character (ids 2..VOCAB-1), pad 0, bos 1."""
+    pad_token_id = 0
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [2 + (ord(ch) * 7) % (VOCAB - 2) for ch in text]
+        return SimpleNamespace(input_ids=([1] if add_special_tokens else []) + ids)
+
+    def save_pretrained(self, path):  # the Trainer saves the collator's tokenizer with each checkpoint
+        pass
+
+
+def tiny_llama(seed=0, layers=2):
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=layers,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg)
+
+
+TEXTS = ["good stuff", "awful day", "love it!!", "hate this", "fine, great", "terrible bad", "nice", "no",
+         "wonderful time here", "worst ever", "ok", "bad bad bad", "yes yes", "sad", "happy days", "meh."]
+EXAMPLES = [{"text": t, "label": "pos" if i % 2 == 0 else "neg"} for i, t in enumerate(TEXTS)]
+
+
+def collator(verbalizer=None):
+    task = PromptTask(template="Text: {text} Label:", verbalizer=verbalizer or {"pos": " yes", "neg": " no"},
+                      max_text_tokens=12)
+    return VerbalizerCollator(CharTokenizer(), task)
+
+
+def reference_scores(model, batch):
+    """The same scores through the full tokens x vocab logits (model(...).logits)."""
+    logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False).logits
+    logp = torch.log_softmax(logits.double(), -1)
+    picked = logp[batch["target_row"], batch["target_pos"], batch["target_token"]]
+    n_ex = batch["label"].numel()
+    n_cand = int(batch["target_cand"].max()) // n_ex + 1
+    return torch.zeros(n_ex * n_cand, dtype=torch.float64).index_add_(0, batch["target_cand"], picked).view(n_ex, -1)
+
+
+@pytest.mark.parametrize("verbalizer", [None, {"pos": " great", "neg": " bad"}], ids=["single-token", "multi-token"])
+def test_label_position_logits_equal_full_logits(verbalizer):
+    model = tiny_llama().eval()
+    col = collator(verbalizer)
+    batch = col(EXAMPLES[:5])
+    assert batch["attention_mask"].min() == 0  # right padding is exercised
+    with torch.no_grad():
+        got = candidate_scores(model, batch)
+        want = reference_scores(model, batch)
+        rows = label_position_logits(model, batch["input_ids"], batch["attention_mask"], batch["target_row"],
+                                     batch["target_pos"])
+        full = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    assert got.shape == (5, 2)
+    assert rows.shape == (batch["target_row"].numel(), VOCAB)
+    torch.testing.assert_close(rows, full[batch["target_row"], batch["target_pos"]].float(), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    # multi-token words: each candidate row holds prompt + word, scored at len(word) positions
+    if verbalizer:
+        assert batch["input_ids"].shape[0] == 10 and batch["target_row"].numel() == 5 * (6 + 4)
+
+
+def test_objectives():
+    model = tiny_llama().eval()
+    batch = collator()(EXAMPLES[:8])
+    with torch.no_grad():
+        scores = candidate_scores(model, batch)
+        lm = VerbalizerObjective("lm")(model, batch)
+        acc = VerbalizerObjective("accuracy")(model, batch)
+    labels = batch["label"]
+    assert torch.isclose(lm, -scores[torch.arange(8), labels].mean())
+    assert torch.isclose(acc, 1 - (scores.argmax(1) == labels).float().mean())
+    with pytest.raises(ValueError, match="objective must be one of"):
+        VerbalizerObjective("f1")
+
+
+class ListDataset(torch.utils.data.Dataset):
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def __getitem__(self, i):
+        return self.items[i]
+
+
+def make_trainer(model, out, objective=None, **overrides):
+    kw = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
+              logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
+              disable_tqdm=True, seed=3, data_seed=3)
+    kw.update(overrides)
+    return ZOTrainer(model=model, args=TrainingArguments(**kw), train_dataset=ListDataset(EXAMPLES),
+                     data_collator=collator(), objective=objective or VerbalizerObjective("lm"), zo_eps=1e-2)
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_zotrainer_changes_only_trainable_params(tmp_path):
+    model = tiny_llama()
+    frozen = {n for n, _ in model.named_parameters() if "layers.0." in n or "embed" in n}
+    for n, p in model.named_parameters():
+        p.requires_grad_(n not in frozen)
+    before = snapshot(model)
+    trainer = make_trainer(model, tmp_path)
+    trainer.train()
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == set(before) - frozen
+    assert trainer.state.global_step == 3
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(l > 0 for l in losses)
+    assert len(trainer.zo_optimizer.log.steps) == 3
+
+
+def test_zotrainer_lora_changes_only_lora_params(tmp_path):
+    peft = pytest.importorskip("peft", reason="peft is not installed")
+    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"]))
+    before = snapshot(model)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    make_trainer(model, tmp_path, max_steps=2).train()
+    after = snapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    # lora_B starts at zero, so step 1 moves only B; step 2 moves A too (g * z has no zero entries)
+    assert changed == trainable
+
+
+def test_default_objective_is_the_models_lm_loss(tmp_path):
+    class LMDataset(torch.utils.data.Dataset):
+        def __len__(self):
+            return 8
+
+        def __getitem__(self, i):
+            ids = torch.randint(2, VOCAB, (9,), generator=torch.Generator().manual_seed(i))
+            return {"input_ids": ids, "labels": ids.clone()}
+
+    model = tiny_llama()
+    before = snapshot(model)
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=4,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True, disable_tqdm=True,
+                             logging_steps=1)
+    trainer = ZOTrainer(model=model, args=args, train_dataset=LMDataset())
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 2 and all(3.0 < l < 5.0 for l in losses)  # ~ln(61) = 4.1 for a random model
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_gradient_accumulation_probes_whole_window_with_same_z(tmp_path):
+    """GA = 2: one ZO step whose probes each run over both micro-batches (same z); the update equals a
+    manual ZOSGD step whose closure averages the objective over the two micro-batches."""
+    model = tiny_llama()
+    init = copy.deepcopy(model)
+    seen = []
+    base = VerbalizerObjective("lm")
+
+    class Recording:
+        def __call__(self, m, batch):
+            seen.append({k: v.clone() for k, v in batch.items()})
+            return base(m, batch)
+
+    trainer = make_trainer(model, tmp_path, objective=Recording(), max_steps=1, gradient_accumulation_steps=2,
+                           per_device_train_batch_size=3)
+    trainer.train()
+    assert trainer.state.global_step == 1
+    # 2 probes (+eps, -eps) x 2 micro-batches, in window order for each probe
+    assert len(seen) == 4
+    b1, b2 = seen[0], seen[1]
+    assert not torch.equal(b1["input_ids"], b2["input_ids"]) or not torch.equal(b1["label"], b2["label"])
+    for x, y in ((seen[2], b1), (seen[3], b2)):
+        assert all(torch.equal(x[k], y[k]) for k in x)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h][0]
+
+    opt = zokernels.ZOSGD(init, lr=1e-2, eps=1e-2, seed=3)
+    manual_loss = opt.step(lambda: (base(init, b1) + base(init, b2)) / 2)
+    for (n, p), (n2, q) in zip(model.named_parameters(), init.named_parameters()):
+        assert n == n2 and torch.equal(p, q), n
+    assert abs(logged - float(manual_loss)) < 1e-5
+    record = trainer.zo_optimizer.log.steps[0]
+    assert record.seed == opt.log.steps[0].seed and record.grads == opt.log.steps[0].grads
+
+
+def test_checkpoint_resume_matches_uninterrupted_run(tmp_path):
+    full = tiny_llama(seed=1)
+    part = copy.deepcopy(full)
+    make_trainer(full, tmp_path / "full", max_steps=4).train()
+
+    first = make_trainer(part, tmp_path / "ckpt", max_steps=4, save_strategy="steps", save_steps=2)
+    first.train()
+    ckpt = tmp_path / "ckpt" / "checkpoint-2"
+    assert (ckpt / "optimizer.pt").is_file()
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert len(state["zosgd"]["log"]["seeds"]) == 2  # the fine-tune log travels with the checkpoint
+
+    resumed_model = tiny_llama(seed=99)  # weights come from the checkpoint
+    resumed = make_trainer(resumed_model, tmp_path / "ckpt", max_steps=4, save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    for (n, p), (_, q) in zip(full.named_parameters(), resumed_model.named_parameters()):
+        assert torch.equal(p, q), n
+    assert len(resumed.zo_optimizer.log.steps) == 4
+
+
+def test_evaluate_reports_accuracy(tmp_path):
+    model = tiny_llama()
+    trainer = make_trainer(model, tmp_path)
+    trainer.eval_dataset = ListDataset(EXAMPLES[:6])
+    trainer.compute_metrics = lambda ev: {"accuracy": float((ev.predictions.argmax(-1) == ev.label_ids).mean())}
+    metrics = trainer.evaluate()
+    with torch.no_grad():
+        batch = collator()(EXAMPLES[:6])
+        want = (candidate_scores(model.eval(), batch).argmax(1) == batch["label"]).float().mean().item()
+    assert metrics["eval_accuracy"] == pytest.approx(want)
+    assert metrics["eval_loss"] > 0
+
+
+def test_accuracy_objective_trains(tmp_path):
+    model = tiny_llama()
+    before = snapshot(model)
+    trainer = make_trainer(model, tmp_path, objective=VerbalizerObjective("accuracy"), max_steps=2)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert all(0.0 <= l <= 1.0 for l in losses)
+    assert len(trainer.zo_optimizer.log.steps) == 2
+    assert before.keys() == snapshot(model).keys()
+
+
+def test_fp16_refused_and_checkpointing_ignored(tmp_path):
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[])
+    args.fp16 = True
+    with pytest.raises(ValueError, match="fp16 mixed precision"):
+        ZOTrainer(model=tiny_llama(), args=args, train_dataset=ListDataset(EXAMPLES), data_collator=collator())
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to=[], gradient_checkpointing=True)
+    with pytest.warns(UserWarning, match="checkpointing ignored"):
+        trainer = ZOTrainer(model=tiny_llama(), args=args, train_dataset=ListDataset(EXAMPLES),
+                            data_collator=collator())
+    assert not trainer.args.gradient_checkpointing
+
+
+def test_bf16_model_trains(tmp_path):
+    model = tiny_llama().to(torch.bfloat16)
+    before = snapshot(model)
+    make_trainer(model, tmp_path, max_steps=2, learning_rate=5e-2).train()
+    assert all(p.dtype == torch.bfloat16 for p in model.parameters())
+    assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())

@@ -1,0 +1,189 @@
+"""Prompt + verbalizer classification (MeZO-style): the prediction is the label whose verbalizer word
+is most likely after the prompt, the training loss is the LM loss of the correct word.
+
+    score(x, c)   = sum_i log p(w_c[i] | prompt(x), w_c[:i])       (multi-token words: summed log-probs)
+    lm loss       = mean_x  -score(x, y_x)                          (full-vocabulary cross-entropy)
+    accuracy loss = 1 - mean_x [argmax_c score(x, c) == y_x]        (non-differentiable; fine for ZO)
+
+Logits are computed only at the positions that predict a verbalizer token: the decoder's hidden
+states are gathered there and only those rows go through lm_head (never a tokens x vocab matrix).
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .data import Example
+from .errors import ZOError
+
+DEFAULT_TEMPLATE = "Tweet: {text}\nSentiment (positive or negative):"
+DEFAULT_VERBALIZER = {"positive": " positive", "negative": " negative"}
+
+
+@dataclass
+class PromptTask:
+    """template: a str with one `{text}` field; verbalizer: label -> word (the word's tokens follow the
+    prompt, so it usually starts with a space); max_text_tokens: the text is cut to this many tokens."""
+    template: str = DEFAULT_TEMPLATE
+    verbalizer: Mapping[str, str] = field(default_factory=lambda: dict(DEFAULT_VERBALIZER))
+    max_text_tokens: int = 64
+
+    def __post_init__(self):
+        if self.template.count("{text}") != 1:
+            raise ZOError(f"--template must contain {{text}} exactly once, got {self.template!r}")
+        if len(self.verbalizer) < 2:
+            raise ZOError("a verbalizer needs at least two labels")
+        if self.max_text_tokens < 1:
+            raise ZOError("max_text_tokens must be >= 1")
+
+    @property
+    def labels(self) -> list[str]:
+        return list(self.verbalizer)
+
+
+class VerbalizerCollator:
+    """Turns a list of Examples (or {'text', 'label'} dicts) into one scoring batch:
+
+    input_ids, attention_mask [R, T] (right padded); target_row, target_pos, target_token, target_cand [N]:
+    the logit row (r, pos) scores token `target_token` for candidate `target_cand` (= example * C + c);
+    label [E] (index of the correct candidate). If every verbalizer word is one token, R = E (one row per
+    example, all candidates read at its last position); otherwise R = E * C (prompt + word per row)."""
+
+    def __init__(self, tokenizer, task: PromptTask):
+        self.tokenizer, self.task = tokenizer, task
+        prefix, suffix = task.template.split("{text}")
+        self.prefix_ids = tokenizer(prefix, add_special_tokens=True).input_ids if prefix else \
+            tokenizer("", add_special_tokens=True).input_ids
+        self.suffix_ids = tokenizer(suffix, add_special_tokens=False).input_ids
+        self.word_ids = [tokenizer(w, add_special_tokens=False).input_ids for w in task.verbalizer.values()]
+        for lab, ids in zip(task.verbalizer, self.word_ids):
+            if not ids:
+                raise ZOError(f"verbalizer word for label {lab!r} is empty after tokenization")
+        self.label_index = {lab: i for i, lab in enumerate(task.verbalizer)}
+        self.single_token = all(len(ids) == 1 for ids in self.word_ids)
+        self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+
+    def prompt_ids(self, text: str) -> list[int]:
+        text_ids = self.tokenizer(text, add_special_tokens=False).input_ids[:self.task.max_text_tokens]
+        return self.prefix_ids + text_ids + self.suffix_ids
+
+    def __call__(self, features: Sequence) -> dict[str, torch.Tensor]:
+        rows, t_row, t_pos, t_tok, t_cand, labels = [], [], [], [], [], []
+        n_cand = len(self.word_ids)
+        for e, ex in enumerate(features):
+            text, label = (ex.text, ex.label) if isinstance(ex, Example) else (ex["text"], ex["label"])
+            if label not in self.label_index:
+                raise ZOError(f"label {label!r} has no verbalizer word (labels: {', '.join(self.label_index)})")
+            labels.append(self.label_index[label])
+            prompt = self.prompt_ids(text)
+            if self.single_token:
+                r = len(rows)
+                rows.append(prompt)
+                for c, ids in enumerate(self.word_ids):
+                    t_row.append(r), t_pos.append(len(prompt) - 1), t_tok.append(ids[0]), t_cand.append(e * n_cand + c)
+            else:
+                for c, ids in enumerate(self.word_ids):
+                    r = len(rows)
+                    rows.append(prompt + ids)
+                    for i, tok in enumerate(ids):
+                        t_row.append(r), t_pos.append(len(prompt) - 1 + i), t_tok.append(tok)
+                        t_cand.append(e * n_cand + c)
+        width = max(len(r) for r in rows)
+        input_ids = torch.full((len(rows), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for i, r in enumerate(rows):
+            input_ids[i, :len(r)] = torch.tensor(r)
+            mask[i, :len(r)] = 1
+        as_long = lambda v: torch.tensor(v, dtype=torch.long)  # noqa: E731
+        return {"input_ids": input_ids, "attention_mask": mask, "target_row": as_long(t_row),
+                "target_pos": as_long(t_pos), "target_token": as_long(t_tok), "target_cand": as_long(t_cand),
+                "label": as_long(labels)}
+
+
+def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, object]:
+    """(decoder, lm_head, config) of a causal LM, looking through PEFT (LoRA) and DDP/compile wrappers."""
+    m = model
+    for attr in ("module", "_orig_mod"):
+        while hasattr(m, attr) and isinstance(getattr(m, attr), nn.Module) and not hasattr(m, "get_decoder"):
+            m = getattr(m, attr)
+    if hasattr(m, "get_base_model") and hasattr(m, "peft_config"):
+        m = m.get_base_model()
+    decoder = m.get_decoder() if hasattr(m, "get_decoder") else getattr(m, "model", None)
+    head = m.get_output_embeddings() if hasattr(m, "get_output_embeddings") else None
+    if decoder is None or head is None or decoder is m:
+        raise ZOError(f"{type(m).__name__} is not a decoder + lm_head causal LM; label-position scoring "
+                      "needs one (use objective='lm' with a standard loss instead)")
+    return decoder, head, m.config
+
+
+def label_position_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                          rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    """logits[n] = lm_head(h[rows[n], positions[n]]) — [N, vocab], float32; the decoder runs with
+    use_cache=False and only N hidden states reach lm_head."""
+    decoder, head, config = causal_lm_parts(model)
+    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+    logits = head(hidden[rows, positions]).float()
+    cap = getattr(getattr(config, "get_text_config", lambda: config)(), "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def candidate_scores(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """[E, C] summed log-probabilities of each candidate's verbalizer tokens."""
+    logits = label_position_logits(model, batch["input_ids"], batch.get("attention_mask"),
+                                   batch["target_row"], batch["target_pos"])
+    logp = torch.log_softmax(logits, dim=-1).gather(1, batch["target_token"][:, None])[:, 0]
+    n_examples = batch["label"].numel()
+    n_cand = int(batch["target_cand"].max()) // n_examples + 1  # every example has every candidate
+    scores = torch.zeros(n_examples * n_cand, dtype=torch.float32, device=logp.device)
+    scores.index_add_(0, batch["target_cand"], logp)
+    return scores.view(n_examples, -1)
+
+
+class VerbalizerObjective:
+    """The minimized scalar of a scoring batch: kind='lm' (mean NLL of the correct verbalizer word)
+    or 'accuracy' (1 - accuracy). `predict` gives (scores [E, C], labels [E]) for evaluation."""
+
+    KINDS = ("lm", "accuracy")
+
+    def __init__(self, kind: str = "lm"):
+        if kind not in self.KINDS:
+            raise ZOError(f"objective must be one of {', '.join(self.KINDS)}, got {kind!r}")
+        self.kind = kind
+
+    def predict(self, model: nn.Module, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        return candidate_scores(model, batch), batch["label"]
+
+    def loss_from_scores(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.kind == "lm":
+            return -scores.gather(1, labels[:, None]).mean()
+        return 1.0 - (scores.argmax(dim=1) == labels).float().mean()
+
+    def __call__(self, model: nn.Module, batch) -> torch.Tensor:
+        return self.loss_from_scores(*self.predict(model, batch))
+
+    def __repr__(self) -> str:
+        return f"VerbalizerObjective({self.kind!r})"
+
+
+@torch.no_grad()
+def evaluate_accuracy(model: nn.Module, collator: VerbalizerCollator, examples: Sequence[Example],
+                      batch_size: int = 16, device=None) -> tuple[float, list[bool]]:
+    """Accuracy and the per-example correctness (for McNemar), model in eval mode, no autograd."""
+    was_training = model.training
+    model.eval()
+    device = device or next(model.parameters()).device
+    correct: list[bool] = []
+    try:
+        for i in range(0, len(examples), batch_size):
+            batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
+            scores = candidate_scores(model, batch)
+            correct.extend((scores.argmax(1) == batch["label"]).tolist())
+    finally:
+        model.train(was_training)
+    return (sum(correct) / len(correct) if correct else float("nan")), correct
