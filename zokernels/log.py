@@ -214,15 +214,32 @@ def check_log(log: FineTuneLog, named: list[tuple[str, torch.Tensor]]) -> ParamT
     return ParamTable(tensors, tkeys, group_of)
 
 
-def replay(model_or_named_params, log_or_path: FineTuneLog | str | os.PathLike, backend: str = "auto") -> FineTuneLog:
+def replay(model_or_named_params, log_or_path: FineTuneLog | str | os.PathLike, backend: str = "auto", *,
+           masks=None) -> FineTuneLog:
     """Rebuild fine-tuned weights in place from the base weights: re-apply every logged step
     (in-place probes' +-eps passes and skipped steps included) with no forward. Bitwise equal to
     training with the same backend. Refuses a log whose contract version, key table or base
-    fingerprint does not match. Returns the log."""
+    fingerprint does not match, or whose mask fingerprint (MaZO) differs from `masks`'
+    ({name or tensor: zokernels.mazo.ParamMask}, the masks training used). Returns the log."""
     log = log_or_path if isinstance(log_or_path, FineTuneLog) else FineTuneLog.load(log_or_path)
     params = check_log(log, _named(model_or_named_params))
+    _attach_masks(log, params, masks)
     config = log.config
     with torch.no_grad():
         for record in log.steps:
             apply_step(params, record, config, backend)
     return log
+
+
+def _attach_masks(log: FineTuneLog, params: ParamTable, masks) -> None:
+    """params.masks from `masks`, checked against the log's mask fingerprint (MaZO)."""
+    from .mazo.masks import masks_fingerprint, resolve_masks
+
+    names = [n for g in log.group_names for n in g]
+    table = resolve_masks(masks, names, params.tensors) if masks else None
+    got = masks_fingerprint((n, m) for n, m in zip(names, table or []) if m is not None)
+    want = log.header.get("masks", {})
+    if got != want:
+        raise LogMismatch("the masks given to replay are not the ones training used (mask fingerprints differ"
+                          + ("; training used masks: pass masks=..." if want and not got else "") + ")")
+    params.masks = table

@@ -114,7 +114,47 @@ class Prober:
 
     def scratch(self, idx: list[int], seed: int, query: int, sign: int) -> list[torch.Tensor]:
         """R(theta_i + sign * eps * z_query) for i in idx; R's uniforms: stream 1 (+) or 2 (-)."""
+        masks = self.params.masks
+        if masks is not None and any(masks[i] is not None for i in idx):
+            return self._masked_scratch(idx, seed, query, sign)
         return self._perturbed_copy([self.params.tensors[i] for i in idx], idx, seed, query, sign)
+
+    # MaZO: a masked parameter keeps one persistent scratch equal to theta off the mask (masked training
+    # never changes those elements); each probe rewrites only the masked elements, so its traffic scales
+    # with the mask, at the memory cost of one copy of each masked parameter. The scratch is re-copied
+    # (dense) when theta's storage or version counter changed other than by the masked update
+    # (note_update() records that one).
+    def _masked_scratch(self, idx: list[int], seed: int, query: int, sign: int) -> list[torch.Tensor]:
+        masks, tensors = self.params.masks, self.params.tensors
+        dense = [i for i in idx if masks[i] is None]
+        masked = [i for i in idx if masks[i] is not None]
+        out = dict(zip(dense, self._perturbed_copy([tensors[i] for i in dense], dense, seed, query, sign))) \
+            if dense else {}
+        bufs = [self._mask_buffer(i) for i in masked]
+        ops.masked_perturbed_copy([tensors[i] for i in masked], [masks[i] for i in masked], seed,
+                                  sign * self.config.eps, [self.params.keys[i] for i in masked], query=query,
+                                  dist=self.config.dist, rounding=self.config.probe_rounding,
+                                  sr_stream=C.STREAM_PROBE_SR_POS if sign > 0 else C.STREAM_PROBE_SR_NEG,
+                                  offsets=self.params.offsets_of(masked), outs=bufs, backend=self.backend)
+        out.update(zip(masked, bufs))
+        return [out[i] for i in idx]
+
+    def _mask_buffer(self, i: int) -> torch.Tensor:
+        t = self.params.tensors[i]
+        scratch = self.__dict__.setdefault("mask_scratch", {})
+        buf, state = scratch.get(i, (None, None))
+        if buf is None or state != (t.data_ptr(), t._version):
+            buf = t.detach().clone()
+            self.mask_scratch_copies = getattr(self, "mask_scratch_copies", 0) + 1
+            scratch[i] = (buf, (t.data_ptr(), t._version))
+        return buf
+
+    def note_update(self) -> None:
+        """After a masked update: the persistent scratch still equals theta off the mask."""
+        scratch = self.__dict__.get("mask_scratch", {})
+        for i, (buf, _) in scratch.items():
+            t = self.params.tensors[i]
+            scratch[i] = (buf, (t.data_ptr(), t._version))
 
     def _perturbed_copy(self, sources, idx, seed, query, sign, outs=None) -> list[torch.Tensor]:
         return ops.perturbed_copy(sources, seed, sign * self.config.eps,

@@ -64,6 +64,9 @@ class ParamTable:
     # global element offsets[i]; `sharded` are the DTensor parameters' indices (None/empty: unsharded).
     offsets: list[int] | None = None
     sharded: frozenset[int] = frozenset()
+    # MaZO (zokernels.mazo): masks[i] is tensors[i]'s ParamMask (only masked elements are perturbed
+    # and updated) or None (dense); masks None: no masks at all.
+    masks: list | None = None
 
     def offsets_of(self, idx) -> list[int] | None:
         return None if self.offsets is None else [self.offsets[i] for i in idx]
@@ -107,6 +110,13 @@ def apply_update(params: ParamTable, record: StepRecord, config: StepConfig, bac
     lrs = [record.lr[g] for g in params.group_of]
     wds = [record.wd[g] for g in params.group_of]
     idx = [i for i, lr in enumerate(lrs) if restore_scale is not None or lr != 0.0]
+    idx, masked = split_masked(params, idx)
+    if masked:
+        ops.masked_zo_update_([params.tensors[i] for i in masked], [params.masks[i] for i in masked], record.seed,
+                              [params.keys[i] for i in masked], update_coeffs(record.grads, config.n_queries),
+                              [lrs[i] for i in masked], [wds[i] for i in masked], dist=config.dist,
+                              rounding=config.update_rounding, restore_scale=restore_scale,
+                              restore_query=restore_query, offsets=params.offsets_of(masked), backend=backend)
     if not idx:
         return
     ops.zo_update_([params.tensors[i] for i in idx], record.seed, [params.keys[i] for i in idx],
@@ -119,8 +129,27 @@ def apply_update(params: ParamTable, record: StepRecord, config: StepConfig, bac
 def perturb_all(params: ParamTable, seed: int, query: int, scale: float, config: StepConfig,
                 backend: str = "auto") -> None:
     """In-place probe pass: theta <- RN(theta + scale z_query) (MeZO rounds to nearest)."""
+    if params.masks is not None:
+        dense, masked = split_masked(params, range(len(params.tensors)))
+        if masked:
+            ops.masked_perturb_([params.tensors[i] for i in masked], [params.masks[i] for i in masked], seed, scale,
+                                [params.keys[i] for i in masked], query=query, dist=config.dist,
+                                rounding="nearest", offsets=params.offsets_of(masked), backend=backend)
+        if dense:
+            ops.perturb_([params.tensors[i] for i in dense], seed, scale, [params.keys[i] for i in dense],
+                         query=query, dist=config.dist, rounding="nearest", offsets=params.offsets_of(dense),
+                         backend=backend)
+        return
     ops.perturb_(params.tensors, seed, scale, params.keys, query=query, dist=config.dist,
                  rounding="nearest", offsets=params.offsets, backend=backend)
+
+
+def split_masked(params: ParamTable, idx) -> tuple[list[int], list[int]]:
+    """(dense, masked) positions among idx."""
+    idx = list(idx)
+    if params.masks is None:
+        return idx, []
+    return [i for i in idx if params.masks[i] is None], [i for i in idx if params.masks[i] is not None]
 
 
 def inplace_events(config: StepConfig) -> list:
