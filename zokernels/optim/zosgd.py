@@ -11,6 +11,7 @@ from typing import Callable, Iterable
 import torch
 
 from .. import contract as C
+from .. import distributed
 from .. import ops
 from ..log import FineTuneLog, base_fingerprint, new_header
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
@@ -75,7 +76,8 @@ class ZOSGD(torch.optim.Optimizer):
                  dist: str = "gaussian", seed: int | None = None, backend: str = "auto", *,
                  model: torch.nn.Module | None = None, probe: str = "auto", one_sided: bool = False,
                  probe_rounding: str = "stochastic", update_rounding: str = "stochastic",
-                 nonfinite: str = "skip", verify_probes: str = "first"):
+                 nonfinite: str = "skip", verify_probes: str = "first", process_group=None,
+                 spread_queries: bool = False):
         _check_number(lr, "lr", lambda v: v >= 0, ">= 0")
         _check_number(weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
         _check_number(eps, "eps", lambda v: v > 0, "> 0")
@@ -92,7 +94,9 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"probe must be 'auto' or one of {PROBE_MODES}, got {probe!r}")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
-        self.base_seed = C.check_u64(seed, "seed")
+        self._group = distributed.resolve_group(process_group)  # None: no collective at all
+        self.spread_queries = bool(spread_queries)
+        self.base_seed = self._agreed_seed(C.check_u64(seed, "seed"))
 
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
@@ -121,8 +125,12 @@ class ZOSGD(torch.optim.Optimizer):
         flat_names = [n for g_names in names for n in g_names]
         self.keys: dict[str, int] = {n: C.param_key(n) for n in flat_names}
         self._names = flat_names
-        self._table = ParamTable(tensors, [self.keys[n] for n in flat_names],
-                                 [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]])
+        local_tensors, offsets, sharded = distributed.local_shards(flat_names, tensors)
+        self._table = ParamTable(local_tensors, [self.keys[n] for n in flat_names],
+                                 [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]],
+                                 offsets=offsets if sharded else None, sharded=sharded)
+        self._fsdp = distributed.fsdp_modules(model)
+        self._check_spread()
         self._prober = Prober(self._table, self.config, backend, model, probe) if probe != "inplace" else None
         self._verified = False
         self._step = 0
@@ -130,7 +138,8 @@ class ZOSGD(torch.optim.Optimizer):
                          for n, g in zip(names, self.param_groups)]
         self.log = FineTuneLog(new_header(config=self.config, groups=header_groups, keys=self.keys,
                                           base_seed=self.base_seed,
-                                          fingerprint=base_fingerprint(zip(flat_names, tensors))))
+                                          fingerprint=base_fingerprint(
+                                              zip(flat_names, distributed.full_tensors(tensors)))))
 
     # ------------------------------------------------------------------ torch.optim.Optimizer API
     def add_param_group(self, param_group: dict) -> None:
@@ -204,9 +213,29 @@ class ZOSGD(torch.optim.Optimizer):
                 m.training = training
 
     def _forward(self, closure) -> float:
-        with torch.no_grad():
+        with torch.no_grad(), distributed.fresh_gather(self._fsdp):
             loss = closure()
         return _scalar_loss(loss)
+
+    def _agreed_seed(self, seed: int) -> int:
+        """Group rank 0's seed on every rank: all ranks must draw the same z."""
+        agreed = distributed.broadcast_seed(seed, self._group)
+        if agreed != seed:
+            warnings.warn(f"ZOSGD: this rank's seed {seed} differs from rank 0's; using rank 0's {agreed} "
+                          "so that all replicas draw the same perturbations", stacklevel=3)
+        return agreed
+
+    def _check_spread(self) -> None:
+        if not self.spread_queries:
+            return
+        cfg = self.config
+        why = ("probe='inplace' (each rank would move and round the weights only for its own queries)"
+               if cfg.probe == "inplace" else
+               "one_sided=True (L0 and L+_q must come from the same micro-batch)" if cfg.one_sided else
+               "sharded parameters (FSDP all-gathers need every rank in every forward)"
+               if self._table.sharded else None)
+        if why:
+            raise ValueError(f"spread_queries=True is not supported with {why}")
 
     def _probe(self, closure, seed: int, query: int, sign: int, verify: bool) -> float:
         prober = self._prober
@@ -216,7 +245,7 @@ class ZOSGD(torch.optim.Optimizer):
         for _ in range(4):  # each pass can only grow the whole-forward set; 2 suffice unless data-dependent
             reads = StorageReads(watch_original_storages(self._table))
             with reads, prober.perturbed(seed, query, sign, reads):
-                with torch.no_grad():
+                with torch.no_grad(), distributed.fresh_gather(self._fsdp):
                     raw = closure()
             loss = _scalar_loss(raw)
             if not reads.hits:
@@ -244,26 +273,33 @@ class ZOSGD(torch.optim.Optimizer):
     def _drift_free_step(self, closure, seed: int, lrs, wds) -> float:
         cfg = self.config
         plus, minus, loss0 = [], [], None
+        alone = self._group is None  # with a group, every rank runs every forward (collectives inside)
+        queries = distributed.assigned_queries(cfg.n_queries, self._group, self.spread_queries)
         try:
             if cfg.one_sided:
                 loss0 = self._forward(closure)
-                if not math.isfinite(loss0):
+                if alone and not math.isfinite(loss0):
                     return self._skip(seed, lrs, wds, -1, loss0, "the unperturbed loss")
-            for q in range(cfg.n_queries):
-                lp = self._probe(closure, seed, q, +1, q == 0 and self._should_verify())
+            for q in queries:
+                lp = self._probe(closure, seed, q, +1, q == queries[0] and self._should_verify())
                 plus.append(lp)
-                if not math.isfinite(lp):
+                if alone and not math.isfinite(lp):
                     return self._skip(seed, lrs, wds, -1, lp, f"L+ of query {q}")
                 if not cfg.one_sided:
                     lm = self._probe(closure, seed, q, -1, False)
                     minus.append(lm)
-                    if not math.isfinite(lm):
+                    if alone and not math.isfinite(lm):
                         return self._skip(seed, lrs, wds, -1, lm, f"L- of query {q}")
         except NonFiniteLoss:
             raise
         except BaseException:
             self._record_dropped(seed, lrs, wds, -1)
             raise
+        if not alone:
+            plus, minus, loss0 = distributed.reduce_probe_losses(plus, minus, loss0, queries, cfg.n_queries,
+                                                                 self._group, self.spread_queries)
+            if not distributed.all_finite(plus + minus + ([] if loss0 is None else [loss0])):
+                return self._skip(seed, lrs, wds, -1, math.nan, "a probe loss on some rank (group-reduced)")
         grads = projected_grads(plus, minus, loss0, cfg)
         loss = loss0 if cfg.one_sided else sum(p + m for p, m in zip(plus, minus)) / (2 * cfg.n_queries)
         if not coeffs_representable(grads, cfg.n_queries):
@@ -286,11 +322,19 @@ class ZOSGD(torch.optim.Optimizer):
                 abandon_inplace(self._table, seed, event.index, cfg, self.backend)
                 self._record_dropped(seed, lrs, wds, event.index)
                 raise
-            if not math.isfinite(value):
+            if self._group is None and not math.isfinite(value):
                 abandon_inplace(self._table, seed, event.index, cfg, self.backend)
                 return self._skip(seed, lrs, wds, event.index, value, f"the loss of forward {event.index}")
             losses[(event.query, event.sign)] = value
         n = cfg.n_queries
+        if self._group is not None:
+            order = sorted(losses)
+            losses = dict(zip(order, distributed.mean_losses([losses[k] for k in order], self._group)))
+            if not distributed.all_finite(losses.values()):
+                record = StepRecord(seed, (math.nan,) * n, lrs, wds, skipped=True)
+                finish_inplace(self._table, record, cfg, self.backend)  # the plain restore
+                self._commit(record)
+                return self._warn_or_raise("a probe loss on some rank (group-reduced) is not finite", math.nan)
         plus = [losses[(q, +1)] for q in range(n)]
         minus = [] if cfg.one_sided else [losses[(q, -1)] for q in range(n)]
         loss0 = losses.get((-1, 0))
