@@ -276,3 +276,11 @@ def reduce_probe_losses(plus: list[float], minus: list[float], loss0: float | No
     n_plus, n_minus = len(plus), len(minus)
     return (values[:n_plus], values[n_plus:n_plus + n_minus],
             None if loss0 is None else values[n_plus + n_minus])
+
+
+def reshard(model: torch.nn.Module | None) -> None:
+    """Put every FSDP2 module of `model` back in its sharded state (no-op otherwise). After a forward,
+    FSDP2 leaves the root's parameters unsharded (plain tensors registered on the modules); an
+    optimizer built then would capture those instead of the DTensor shards."""
+    for m in fsdp_modules(model):
+        m.reshard()

@@ -92,14 +92,16 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError(f"verify_probes must be 'first', 'always' or 'never', got {verify_probes!r}")
         if probe not in ("auto",) + PROBE_MODES:
             raise ValueError(f"probe must be 'auto' or one of {PROBE_MODES}, got {probe!r}")
+        seed_given = seed is not None
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
         self._group = distributed.resolve_group(process_group)  # None: no collective at all
         self.spread_queries = bool(spread_queries)
-        self.base_seed = self._agreed_seed(C.check_u64(seed, "seed"))
+        self.base_seed = self._agreed_seed(C.check_u64(seed, "seed"), seed_given)
 
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
+        distributed.reshard(model)  # FSDP2: collect the DTensor shards, not a root left unsharded by a forward
         groups, names = _collect_groups(params, model)
         if probe == "auto":
             probe = "hooks" if model is not None else "swap"
@@ -217,10 +219,10 @@ class ZOSGD(torch.optim.Optimizer):
             loss = closure()
         return _scalar_loss(loss)
 
-    def _agreed_seed(self, seed: int) -> int:
+    def _agreed_seed(self, seed: int, given: bool) -> int:
         """Group rank 0's seed on every rank: all ranks must draw the same z."""
         agreed = distributed.broadcast_seed(seed, self._group)
-        if agreed != seed:
+        if given and agreed != seed:
             warnings.warn(f"ZOSGD: this rank's seed {seed} differs from rank 0's; using rank 0's {agreed} "
                           "so that all replicas draw the same perturbations", stacklevel=3)
         return agreed
