@@ -67,6 +67,15 @@ class ZOSGD(torch.optim.Optimizer):
     Non-finite losses: the step changes no weight (in-place: the perturbation is undone), is logged
     as skipped and warned about (nonfinite="skip") or raises NonFiniteLoss ("raise").
 
+    Multi-process (docs/distributed.md): `process_group` (default: the world group when
+    torch.distributed is initialised with > 1 rank; otherwise no collective at all). Data parallel:
+    every rank probes its own micro-batch with the same seed (rank 0's, broadcast at construction);
+    one float64 all-reduce of the probe losses per step gives every rank the same g_q, so replicas
+    stay bitwise identical; a non-finite loss on any rank skips the step on all. `spread_queries`:
+    rank r evaluates queries r, r + W, ... only. DTensor (FSDP2) parameters: probes and the update
+    work on the local shards with their global element offsets (z and rounding are the unsharded
+    run's); probes write R(theta +- eps z) into the shard storage FSDP all-gathers from.
+
     `opt.log` (FineTuneLog) records every step; `opt.log.save(path)` + `zokernels.replay(model, path)`
     rebuild the fine-tuned weights from the base weights. `state_dict()` carries seed, step count,
     config and log: resuming gives the same trajectory bitwise.
