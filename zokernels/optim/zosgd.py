@@ -14,6 +14,7 @@ from .. import contract as C
 from .. import distributed
 from .. import ops
 from ..log import FineTuneLog, base_fingerprint, new_header
+from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
 from .update import (PROBE_MODES, Forward, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
@@ -86,7 +87,7 @@ class ZOSGD(torch.optim.Optimizer):
                  model: torch.nn.Module | None = None, probe: str = "auto", one_sided: bool = False,
                  probe_rounding: str = "stochastic", update_rounding: str = "stochastic",
                  nonfinite: str = "skip", verify_probes: str = "first", process_group=None,
-                 spread_queries: bool = False):
+                 spread_queries: bool = False, masks=None):
         _check_number(lr, "lr", lambda v: v >= 0, ">= 0")
         _check_number(weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
         _check_number(eps, "eps", lambda v: v > 0, "> 0")
@@ -142,6 +143,10 @@ class ZOSGD(torch.optim.Optimizer):
                                  offsets=offsets if sharded else None, sharded=sharded)
         self._fsdp = distributed.fsdp_modules(model)
         self._check_spread()
+        if masks:  # MaZO: {name or tensor: zokernels.mazo.ParamMask}; unlisted parameters stay dense
+            self._table.masks = resolve_masks(masks, flat_names, self._table.tensors)
+            if any(self._table.masks[i] is not None for i in self._table.sharded):
+                raise ValueError("masks on sharded (DTensor) parameters are not supported")
         self._prober = Prober(self._table, self.config, backend, model, probe) if probe != "inplace" else None
         self._verified = False
         self._step = 0
@@ -151,6 +156,9 @@ class ZOSGD(torch.optim.Optimizer):
                                           base_seed=self.base_seed,
                                           fingerprint=base_fingerprint(
                                               zip(flat_names, distributed.full_tensors(tensors)))))
+        if self._table.masks is not None:  # replay refuses other masks
+            self.log.header["masks"] = masks_fingerprint((n, m) for n, m in zip(flat_names, self._table.masks)
+                                                         if m is not None)
 
     # ------------------------------------------------------------------ torch.optim.Optimizer API
     def add_param_group(self, param_group: dict) -> None:
@@ -198,6 +206,8 @@ class ZOSGD(torch.optim.Optimizer):
                     if asdict(self.config).get(k) != v}
             raise ValueError(f"ZOSGD config differs from the saved one (saved, now): {diff}")
         log = FineTuneLog.from_state(extra["log"])
+        if log.header.get("masks", {}) != self.log.header.get("masks", {}):
+            raise ValueError("the saved optimizer trained other masks (mask fingerprints differ)")
         if log.keys != self.keys:
             raise ValueError("the saved optimizer has other parameters (key tables differ)")
         super().load_state_dict(state_dict)
@@ -317,6 +327,8 @@ class ZOSGD(torch.optim.Optimizer):
             return self._skip(seed, lrs, wds, -1, loss, f"the projected gradients {grads} (overflow)")
         record = StepRecord(seed, grads, lrs, wds)
         apply_update(self._table, record, cfg, self.backend)
+        if self._table.masks is not None:
+            self._prober.note_update()
         self._commit(record)
         return loss
 
