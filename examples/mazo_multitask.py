@@ -74,6 +74,8 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="mazo_multitask_out")
+    ap.add_argument("--threads", type=int, help="torch CPU threads (--quick: 1; on a shared 2-core machine two "
+                    "threads made the reference backend 7x slower than one)")
     args = ap.parse_args(argv)
     cfg = dict(QUICK if args.quick else FULL)
     for k in ("steps", "lr", "masked_lr", "params"):
@@ -85,6 +87,8 @@ def main(argv=None) -> None:
     if bad:
         ap.error(f"unknown methods {bad}; choose from {METHODS}")
     os.makedirs(args.out, exist_ok=True)
+    if args.threads or args.quick:
+        torch.set_num_threads(args.threads or 1)
     dtype = getattr(torch, cfg["dtype"])
     t0 = time.time()
 

@@ -266,15 +266,16 @@ MASKED_OPS = ("masked_perturb_", "masked_zo_update_")
 
 
 def _masked_backend(device: torch.device, backend: str):
-    """Like select_backend, but only backends that implement the masked ops: 'auto' takes the first
-    usable of cuda, triton (GPU only), reference that has them."""
+    """Like select_backend, but only backends that implement the masked ops. A requested backend
+    without them (the CUDA backend, for now) falls back to the 'auto' choice: the first usable of
+    cuda, triton (GPU only), reference that has them — deterministically, so replay with the same
+    request reproduces training."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
     if backend != "auto":
         mod = registry.require(backend, device)
-        if not all(hasattr(mod, op) for op in MASKED_OPS):
-            raise registry.BackendUnavailable(f"backend {backend!r} does not implement the masked ops")
-        return mod
+        if all(hasattr(mod, op) for op in MASKED_OPS):
+            return mod
     for name in registry.ORDER:
         if registry.not_supported(name, device) is None:
             if name == "triton" and torch.device(device).type == "cpu":
