@@ -31,3 +31,13 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def cuda_device():
     return torch.device("cuda")
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module: the reference backend issues ~150 tiny ops per call, and on the
+    loaded 2-core CI machine two threads made such ops up to 500x slower than one."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

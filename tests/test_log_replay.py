@@ -29,12 +29,7 @@ def tiny_llama(dtype):
 exec(LLAMA_SRC)  # defines tiny_llama, the same builder the subprocess uses
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def lm_batch(seed=0):

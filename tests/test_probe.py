@@ -15,13 +15,7 @@ BACKEND = "reference"
 EPS = 1e-3
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The reference backend is ~150 tiny torch ops per call: thread fan-out only costs time here.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------- tiny models

@@ -13,13 +13,7 @@ from zokernels.quant import ops as QO
 from zokernels.quant import reference as R
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2-core CI: small ops with 2 threads under load were measured 500x slower than with 1.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _gen(seed):

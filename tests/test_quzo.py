@@ -14,12 +14,7 @@ from zokernels.quant.variance import compare
 transformers = pytest.importorskip("transformers")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)  # 2-core CI under load: tiny ops with 2 threads measured ~500x slower
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _tiny_llama(fmt, matmul="dequant", layers=1):

@@ -14,12 +14,7 @@ from zokernels import contract as C
 BACKEND = "reference"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_llama(dtype=torch.float32, layers=1):

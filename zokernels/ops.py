@@ -21,6 +21,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 BACKEND_ENV = "ZOKERNELS_BACKEND"
 
 __all__ = ["perturbation", "uniform", "stochastic_round", "perturb_", "perturbed_copy", "zo_update_",
+           "masked_perturb_", "masked_perturbed_copy", "masked_zo_update_",
            "philox4x32", "select_backend", "OpError"]
 
 
@@ -98,6 +99,47 @@ def _group(tensors, keys, offsets, lrs=None, wds=None) -> list[Group]:
             g.lrs.append(lrs[i])
             g.wds.append(wds[i])
     return [g for g in groups.values() if any(t.numel() for t in g.tensors)]
+
+
+def _check_perturb_args(seed, scale, query, dist, rounding, sr_stream) -> float:
+    """Validate the scalar arguments shared by perturb_-like ops; returns scale as a float."""
+    C.check_u64(seed, "seed")
+    scale = _f32(scale, "scale")
+    C.check_query(query)
+    C.check_dist(dist)
+    C.check_rounding(rounding)
+    C.check_stream(sr_stream)
+    return scale
+
+
+def _update_args(tensors, seed, coeffs, lr, weight_decay, dist, rounding, sr_stream, restore_scale,
+                 restore_query) -> tuple[UpdateSpec, list[float], list[float]]:
+    """Validate zo_update_-like arguments: (UpdateSpec, per-tensor lrs, per-tensor weight decays)."""
+    C.check_u64(seed, "seed")
+    coeffs = tuple(_f32(c, "coeff") for c in coeffs)
+    if len(coeffs) > C.MAX_QUERIES:
+        raise OpError(f"at most {C.MAX_QUERIES} queries per update, got {len(coeffs)}")
+    lrs = _per_tensor(lr, len(tensors), "lr", lambda v: _f32(v, "lr"))
+    wds = _per_tensor(weight_decay, len(tensors), "weight_decay", lambda v: _f32(v, "weight_decay"))
+    C.check_dist(dist)
+    C.check_rounding(rounding)
+    C.check_stream(sr_stream)
+    if restore_scale is not None:
+        restore_scale = _f32(restore_scale, "restore_scale")
+        C.check_query(restore_query)
+    return UpdateSpec(seed, coeffs, dist, rounding, sr_stream, restore_scale, restore_query), lrs, wds
+
+
+def _check_outs(outs, tensors: list[torch.Tensor], what: str) -> list[torch.Tensor]:
+    """outs given by the caller: one contiguous tensor per input, same shape, dtype and device."""
+    outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
+    if len(outs) != len(tensors):
+        raise OpError(f"{what}: outs must have one tensor per input")
+    for i, (o, t) in enumerate(zip(outs, tensors)):
+        if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device or not o.is_contiguous():
+            raise OpError(f"{what}: outs[{i}] must be contiguous with shape {tuple(t.shape)}, "
+                          f"dtype {t.dtype}, device {t.device}")
+    return outs
 
 
 def select_backend(device: torch.device, backend: str = "auto"):
@@ -189,12 +231,7 @@ def perturb_(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, scale: f
     tensors = _as_list(tensors, "perturb_")
     keys = _keys(keys, len(tensors))
     offsets = _offsets(offsets, tensors)
-    C.check_u64(seed, "seed")
-    scale = _f32(scale, "scale")
-    C.check_query(query)
-    C.check_dist(dist)
-    C.check_rounding(rounding)
-    C.check_stream(sr_stream)
+    scale = _check_perturb_args(seed, scale, query, dist, rounding, sr_stream)
     for g in _group(tensors, keys, offsets):
         select_backend(g.device, backend).perturb_(g, seed, scale, query, dist, rounding, sr_stream)
 
@@ -209,22 +246,11 @@ def perturbed_copy(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, sc
     tensors = _as_list(tensors, "perturbed_copy")
     keys = _keys(keys, len(tensors))
     offsets = _offsets(offsets, tensors)
-    C.check_u64(seed, "seed")
-    scale = _f32(scale, "scale")
-    C.check_query(query)
-    C.check_dist(dist)
-    C.check_rounding(rounding)
-    C.check_stream(sr_stream)
+    scale = _check_perturb_args(seed, scale, query, dist, rounding, sr_stream)
     if outs is None:
         outs = [torch.empty_like(t) for t in tensors]
     else:
-        outs = list(outs)
-        if len(outs) != len(tensors):
-            raise OpError("perturbed_copy: outs must have one tensor per input")
-        for i, (o, t) in enumerate(zip(outs, tensors)):
-            if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device or not o.is_contiguous():
-                raise OpError(f"perturbed_copy: outs[{i}] must be contiguous with shape {tuple(t.shape)}, "
-                              f"dtype {t.dtype}, device {t.device}")
+        outs = _check_outs(outs, tensors, "perturbed_copy")
     index = {id(t): i for i, t in enumerate(tensors)}
     for g in _group(tensors, keys, offsets):
         g_outs = [outs[index[id(t)]] for t in g.tensors]
@@ -244,19 +270,8 @@ def zo_update_(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, keys, 
     tensors = _as_list(tensors, "zo_update_")
     keys = _keys(keys, len(tensors))
     offsets = _offsets(offsets, tensors)
-    C.check_u64(seed, "seed")
-    coeffs = tuple(_f32(c, "coeff") for c in coeffs)
-    if len(coeffs) > C.MAX_QUERIES:
-        raise OpError(f"at most {C.MAX_QUERIES} queries per update, got {len(coeffs)}")
-    lrs = _per_tensor(lr, len(tensors), "lr", lambda v: _f32(v, "lr"))
-    wds = _per_tensor(weight_decay, len(tensors), "weight_decay", lambda v: _f32(v, "weight_decay"))
-    C.check_dist(dist)
-    C.check_rounding(rounding)
-    C.check_stream(sr_stream)
-    if restore_scale is not None:
-        restore_scale = _f32(restore_scale, "restore_scale")
-        C.check_query(restore_query)
-    spec = UpdateSpec(seed, coeffs, dist, rounding, sr_stream, restore_scale, restore_query)
+    spec, lrs, wds = _update_args(tensors, seed, coeffs, lr, weight_decay, dist, rounding, sr_stream,
+                                  restore_scale, restore_query)
     for g in _group(tensors, keys, offsets, lrs, wds):
         select_backend(g.device, backend).zo_update_(g, spec)
 
@@ -267,23 +282,15 @@ MASKED_OPS = ("masked_perturb_", "masked_zo_update_")
 
 def _masked_backend(device: torch.device, backend: str):
     """Like select_backend, but only backends that implement the masked ops. A requested backend
-    without them (the CUDA backend, for now) falls back to the 'auto' choice: the first usable of
-    cuda, triton (GPU only), reference that has them — deterministically, so replay with the same
-    request reproduces training."""
+    without them (the CUDA backend, for now) falls back to the 'auto' choice among those that have
+    them — deterministically, so replay with the same request reproduces training."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
     if backend != "auto":
         mod = registry.require(backend, device)
         if all(hasattr(mod, op) for op in MASKED_OPS):
             return mod
-    for name in registry.ORDER:
-        if registry.not_supported(name, device) is None:
-            if name == "triton" and torch.device(device).type == "cpu":
-                continue
-            mod = registry.require(name, device)
-            if all(hasattr(mod, op) for op in MASKED_OPS):
-                return mod
-    return registry.require("reference", device)
+    return registry.auto(device, needs=MASKED_OPS)
 
 
 def _masks(masks, tensors: list[torch.Tensor], what: str) -> list:
@@ -320,12 +327,7 @@ def masked_perturb_(tensors, masks, seed: int, scale: float, keys, *, query: int
     masks = _masks(masks, tensors, "masked_perturb_")
     keys = _keys(keys, len(tensors))
     offsets = _offsets(offsets, tensors)
-    C.check_u64(seed, "seed")
-    scale = _f32(scale, "scale")
-    C.check_query(query)
-    C.check_dist(dist)
-    C.check_rounding(rounding)
-    C.check_stream(sr_stream)
+    scale = _check_perturb_args(seed, scale, query, dist, rounding, sr_stream)
     for g, gm in _masked_groups(tensors, masks, keys, offsets):
         _masked_backend(g.device, backend).masked_perturb_(g, gm, None, seed, scale, query, dist, rounding,
                                                            sr_stream)
@@ -345,22 +347,11 @@ def masked_perturbed_copy(tensors, masks, seed: int, scale: float, keys, *, quer
     masks = _masks(masks, tensors, "masked_perturbed_copy")
     keys = _keys(keys, len(tensors))
     offsets = _offsets(offsets, tensors)
-    C.check_u64(seed, "seed")
-    scale = _f32(scale, "scale")
-    C.check_query(query)
-    C.check_dist(dist)
-    C.check_rounding(rounding)
-    C.check_stream(sr_stream)
+    scale = _check_perturb_args(seed, scale, query, dist, rounding, sr_stream)
     if outs is None:
         outs = [t.clone() for t in tensors]
     else:
-        outs = [outs] if isinstance(outs, torch.Tensor) else list(outs)
-        if len(outs) != len(tensors):
-            raise OpError("masked_perturbed_copy: outs must have one tensor per input")
-        for i, (o, t) in enumerate(zip(outs, tensors)):
-            if o.shape != t.shape or o.dtype != t.dtype or o.device != t.device or not o.is_contiguous():
-                raise OpError(f"masked_perturbed_copy: outs[{i}] must be contiguous with shape {tuple(t.shape)}, "
-                              f"dtype {t.dtype}, device {t.device}")
+        outs = _check_outs(outs, tensors, "masked_perturbed_copy")
     index = {id(t): i for i, t in enumerate(tensors)}
     for g, gm in _masked_groups(tensors, masks, keys, offsets):
         g_outs = [outs[index[id(t)]] for t in g.tensors]
@@ -380,18 +371,7 @@ def masked_zo_update_(tensors, masks, seed: int, keys, coeffs: Sequence[float], 
     masks = _masks(masks, tensors, "masked_zo_update_")
     keys = _keys(keys, len(tensors))
     offsets = _offsets(offsets, tensors)
-    C.check_u64(seed, "seed")
-    coeffs = tuple(_f32(c, "coeff") for c in coeffs)
-    if len(coeffs) > C.MAX_QUERIES:
-        raise OpError(f"at most {C.MAX_QUERIES} queries per update, got {len(coeffs)}")
-    lrs = _per_tensor(lr, len(tensors), "lr", lambda v: _f32(v, "lr"))
-    wds = _per_tensor(weight_decay, len(tensors), "weight_decay", lambda v: _f32(v, "weight_decay"))
-    C.check_dist(dist)
-    C.check_rounding(rounding)
-    C.check_stream(sr_stream)
-    if restore_scale is not None:
-        restore_scale = _f32(restore_scale, "restore_scale")
-        C.check_query(restore_query)
-    spec = UpdateSpec(seed, coeffs, dist, rounding, sr_stream, restore_scale, restore_query)
+    spec, lrs, wds = _update_args(tensors, seed, coeffs, lr, weight_decay, dist, rounding, sr_stream,
+                                  restore_scale, restore_query)
     for g, gm in _masked_groups(tensors, masks, keys, offsets, lrs, wds):
         _masked_backend(g.device, backend).masked_zo_update_(g, gm, spec)

@@ -52,12 +52,16 @@ def require(name: str, device: torch.device):
     return _modules[name]
 
 
-def auto(device: torch.device):
+def auto(device: torch.device, needs: tuple[str, ...] = ()):
+    """The first usable backend in ORDER that implements every op named in `needs`. The Triton
+    interpreter (CPU tensors) is for tests and is never chosen automatically."""
     for name in ORDER:
         if not_supported(name, device) is None:
             if name == "triton" and torch.device(device).type == "cpu":
-                continue  # the interpreter is for tests: never chosen automatically
-            return _modules[name]
+                continue
+            mod = _modules[name]
+            if all(hasattr(mod, op) for op in needs):
+                return mod
     raise BackendUnavailable(f"no backend usable on {device}")  # reference always is; defensive
 
 
