@@ -24,9 +24,9 @@ from typing import Callable
 import torch
 
 from .. import contract as C
-from ..quant import formats as F
 from ..quant import ops as QO
 from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
+from .common import eval_mode, scalar_loss
 from .zosgd import NonFiniteLoss
 
 PROBES = ("fused", "inplace")
@@ -195,7 +195,7 @@ class QuZO(torch.optim.Optimizer):
         for sign, aseed in ((+1, act_seed), (-1, act_seed if act_seed_minus is None else act_seed_minus)):
             spec = ProbeSpec(seed, query, sign, cfg.eps, cfg.dist, cfg.act_sr, sr_seed, aseed, cache=cache)
             with self.probing(spec):
-                losses.append(_scalar_loss(closure()))
+                losses.append(scalar_loss(closure()))
             sat += spec.saturated
         return losses[0], losses[1], sat
 
@@ -233,15 +233,8 @@ class QuZO(torch.optim.Optimizer):
         self.log.steps.append(record)
         self._step += 1
 
-    @contextlib.contextmanager
     def _eval_mode(self):
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
+        return eval_mode(self.model)
 
     def state_dict(self) -> dict:
         sd = super().state_dict()
@@ -289,11 +282,3 @@ def replay_quzo(model: torch.nn.Module, log: QuZOLog) -> None:
     with torch.no_grad():
         for record in log.steps:
             apply_record(mods, record, config)
-
-
-def _scalar_loss(loss) -> float:
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"the closure must return a scalar loss; got shape {tuple(loss.shape)}")
-        return float(loss.detach().reshape(()).item())
-    return float(loss)

@@ -1,12 +1,11 @@
 """ZOSGD: a drop-in torch.optim.Optimizer for zeroth-order (MeZO-style SPSA) fine-tuning."""
 from __future__ import annotations
 
-import contextlib
 import math
 import os
 import warnings
 from dataclasses import asdict
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 
@@ -16,7 +15,8 @@ from .. import ops
 from ..log import FineTuneLog, base_fingerprint, new_header
 from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
-from .update import (PROBE_MODES, Forward, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
+from .common import eval_mode, scalar_loss
+from .update import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
                      projected_grads)
 
@@ -41,6 +41,10 @@ class ZOSGD(torch.optim.Optimizer):
     an ulp is lost, and lr * g * z usually is); float32 weights are exact float32 arithmetic.
     `step(closure)` calls closure() (a forward returning a scalar loss) under torch.no_grad() and the
     model in eval mode (restored after), and returns the mean probe loss ((L+ + L-)/2, or L0).
+
+    masks={name or tensor: zokernels.mazo.ParamMask} (MaZO, docs/mazo.md): those parameters are
+    perturbed and updated on their masked elements only (z there is the dense contract's z); the
+    others stay dense. The masks' fingerprint goes into the log, and replay needs the same masks.
 
     Probes (`probe=`):
       - "hooks" (default with a model): drift-free; forward pre/post hooks on every module that
@@ -220,23 +224,13 @@ class ZOSGD(torch.optim.Optimizer):
         self._verified = False
 
     # ------------------------------------------------------------------ internals
-    @contextlib.contextmanager
     def _eval_mode(self):
-        if self.model is None:
-            yield
-            return
-        modes = [(m, m.training) for m in self.model.modules()]
-        self.model.eval()
-        try:
-            yield
-        finally:
-            for m, training in modes:
-                m.training = training
+        return eval_mode(self.model)
 
     def _forward(self, closure) -> float:
         with torch.no_grad(), distributed.fresh_gather(self._fsdp):
             loss = closure()
-        return _scalar_loss(loss)
+        return scalar_loss(loss)
 
     def _agreed_seed(self, seed: int, given: bool) -> int:
         """Group rank 0's seed on every rank: all ranks must draw the same z."""
@@ -268,7 +262,7 @@ class ZOSGD(torch.optim.Optimizer):
             with reads, prober.perturbed(seed, query, sign, reads):
                 with torch.no_grad(), distributed.fresh_gather(self._fsdp):
                     raw = closure()
-            loss = _scalar_loss(raw)
+            loss = scalar_loss(raw)
             if not reads.hits:
                 self._verified = True
                 return loss
@@ -396,17 +390,6 @@ class ZOSGD(torch.optim.Optimizer):
 def _check_number(v, what: str, ok, rule: str) -> None:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
         raise ValueError(f"{what} must be a finite number {rule}, got {v!r}")
-
-
-def _scalar_loss(loss) -> float:
-    if isinstance(loss, torch.Tensor):
-        if loss.numel() != 1:
-            raise ValueError(f"the closure must return a scalar loss; got a tensor of shape {tuple(loss.shape)} "
-                             "(reduce it, e.g. .mean())")
-        return float(loss.detach().reshape(()).item())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return float(loss)
-    raise TypeError(f"the closure must return a scalar loss (0-d tensor or float), got {type(loss).__name__}")
 
 
 def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], list[list[str]]]:
