@@ -87,9 +87,11 @@ def test_objectives():
         scores = candidate_scores(model, batch)
         lm = VerbalizerObjective("lm")(model, batch)
         acc = VerbalizerObjective("accuracy")(model, batch)
+        ce = VerbalizerObjective("ce")(model, batch)
     labels = batch["label"]
     assert torch.isclose(lm, -scores[torch.arange(8), labels].mean())
     assert torch.isclose(acc, 1 - (scores.argmax(1) == labels).float().mean())
+    assert torch.isclose(ce, -torch.log_softmax(scores, 1)[torch.arange(8), labels].mean())
     with pytest.raises(ValueError, match="objective must be one of"):
         VerbalizerObjective("f1")
 
@@ -265,3 +267,23 @@ def test_bf16_model_trains(tmp_path):
     make_trainer(model, tmp_path, max_steps=2, learning_rate=5e-2).train()
     assert all(p.dtype == torch.bfloat16 for p in model.parameters())
     assert any(not torch.equal(before[n], p) for n, p in model.named_parameters())
+
+
+def test_select_trainable_modes():
+    from zokernels.hf.tuning import select_trainable, trainable_count
+
+    def names(m):
+        return sorted(n for n, p in m.named_parameters() if p.requires_grad)
+
+    assert names(select_trainable(tiny_llama(), "final-norm")) == ["model.norm.weight"]
+    norms = names(select_trainable(tiny_llama(), "norms"))
+    assert len(norms) == 2 * 2 + 1 and all("norm" in n for n in norms)
+    model = tiny_llama()
+    assert trainable_count(select_trainable(model, "all"))[0] == sum(p.numel() for p in model.parameters())
+    pytest.importorskip("peft", reason="peft is not installed")
+    a = select_trainable(tiny_llama(), "lora", lora_r=2, seed=5)
+    b = select_trainable(tiny_llama(), "lora", lora_r=2, seed=5)
+    lora = names(a)
+    assert lora and all("lora_" in n for n in lora)
+    for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(p, q), n  # seeded adapter init: replay needs the same starting weights

@@ -3,6 +3,8 @@ is most likely after the prompt, the training loss is the LM loss of the correct
 
     score(x, c)   = sum_i log p(w_c[i] | prompt(x), w_c[:i])       (multi-token words: summed log-probs)
     lm loss       = mean_x  -score(x, y_x)                          (full-vocabulary cross-entropy)
+    ce loss       = mean_x  -log softmax_c(score(x, c))[y_x]        (over the candidates: MeZO's
+                                                                     train_as_classification loss)
     accuracy loss = 1 - mean_x [argmax_c score(x, c) == y_x]        (non-differentiable; fine for ZO)
 
 Logits are computed only at the positions that predict a verbalizer token: the decoder's hidden
@@ -146,10 +148,11 @@ def candidate_scores(model: nn.Module, batch: Mapping[str, torch.Tensor]) -> tor
 
 
 class VerbalizerObjective:
-    """The minimized scalar of a scoring batch: kind='lm' (mean NLL of the correct verbalizer word)
-    or 'accuracy' (1 - accuracy). `predict` gives (scores [E, C], labels [E]) for evaluation."""
+    """The minimized scalar of a scoring batch: kind='lm' (mean NLL of the correct verbalizer word),
+    'ce' (cross-entropy over the candidates' scores) or 'accuracy' (1 - accuracy). `predict` gives
+    (scores [E, C], labels [E]) for evaluation."""
 
-    KINDS = ("lm", "accuracy")
+    KINDS = ("lm", "ce", "accuracy")
 
     def __init__(self, kind: str = "lm"):
         if kind not in self.KINDS:
@@ -162,6 +165,8 @@ class VerbalizerObjective:
     def loss_from_scores(self, scores: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         if self.kind == "lm":
             return -scores.gather(1, labels[:, None]).mean()
+        if self.kind == "ce":
+            return torch.nn.functional.cross_entropy(scores, labels)
         return 1.0 - (scores.argmax(dim=1) == labels).float().mean()
 
     def __call__(self, model: nn.Module, batch) -> torch.Tensor:

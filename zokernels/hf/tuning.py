@@ -10,14 +10,19 @@ from torch import nn
 
 from .errors import ZOError
 
-TUNE_MODES = ("all", "norms", "lora")
+TUNE_MODES = ("all", "norms", "final-norm", "lora")
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 
 def is_norm_param(name: str) -> bool:
-    """RMSNorm/LayerNorm weights: '<...>.<something with norm>.weight'."""
+    """RMSNorm/LayerNorm weights: '<...>.<*norm* or ln*>.weight'."""
     parts = name.split(".")
-    return len(parts) >= 2 and parts[-1] == "weight" and "norm" in parts[-2].lower()
+    return len(parts) >= 2 and parts[-1] == "weight" and ("norm" in parts[-2].lower() or parts[-2].startswith("ln"))
+
+
+def is_final_norm_param(name: str) -> bool:
+    """The norm right before the LM head: a norm weight outside the numbered decoder blocks."""
+    return is_norm_param(name) and not any(part.isdigit() for part in name.split("."))
 
 
 def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha: float = 16.0,
@@ -32,8 +37,9 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
         return model
     for p in model.parameters():
         p.requires_grad_(False)
-    if mode == "norms":
-        names = [n for n, p in model.named_parameters() if is_norm_param(n)]
+    if mode in ("norms", "final-norm"):
+        pick = is_norm_param if mode == "norms" else is_final_norm_param
+        names = [n for n, p in model.named_parameters() if pick(n)]
         if not names:
             raise ZOError(f"{type(model).__name__} has no normalization weights to tune; use --tune lora or all")
         for n, p in model.named_parameters():
