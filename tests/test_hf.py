@@ -287,3 +287,36 @@ def test_select_trainable_modes():
     assert lora and all("lora_" in n for n in lora)
     for (n, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), n  # seeded adapter init: replay needs the same starting weights
+
+
+@pytest.mark.parametrize("verbalizer", [None, {"pos": " great", "neg": " bad"}], ids=["single-token", "multi-token"])
+def test_frozen_trunk_cache_gives_the_full_forward_scores(verbalizer):
+    from zokernels.hf.scoring import FrozenTrunkCache
+    from zokernels.hf.tuning import select_trainable
+
+    model = select_trainable(tiny_llama(), "final-norm").eval()
+    col = collator(verbalizer)
+    with torch.no_grad():
+        model.model.norm.weight.add_(torch.randn_like(model.model.norm.weight) * 0.1)
+        want = candidate_scores(model, col(EXAMPLES[:6]))
+        model.zo_trunk_cache = FrozenTrunkCache(model)
+        first = candidate_scores(model, col(EXAMPLES[:6]))          # fills the cache
+        n_cached = len(model.zo_trunk_cache.store)
+        again = candidate_scores(model, col(EXAMPLES[2:6] + EXAMPLES[:2]))  # other batch layout: all cached
+        assert len(model.zo_trunk_cache.store) == n_cached
+        torch.testing.assert_close(first, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(again, torch.cat([first[2:6], first[:2]]), rtol=0, atol=0)
+        # the tuned norm still acts on cached states: a different norm weight gives the full-forward answer
+        model.model.norm.weight.mul_(1.5)
+        cached = candidate_scores(model, col(EXAMPLES[:6]))
+        del model.zo_trunk_cache
+        torch.testing.assert_close(cached, candidate_scores(model, col(EXAMPLES[:6])), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(cached, first)
+
+
+def test_frozen_trunk_cache_refuses_a_trainable_trunk():
+    from zokernels.hf.errors import ZOError
+    from zokernels.hf.scoring import FrozenTrunkCache
+
+    with pytest.raises(ZOError, match="frozen trunk"):
+        FrozenTrunkCache(tiny_llama())

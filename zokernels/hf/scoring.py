@@ -121,14 +121,62 @@ def causal_lm_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, object]:
     return decoder, head, m.config
 
 
+class FrozenTrunkCache:
+    """Pre-final-norm hidden states at label positions, computed once per (prompt row, position).
+
+    Valid only while every parameter before the decoder's final norm is frozen (tune='final-norm'):
+    then h = trunk(x) never changes, and a probe's logits lm_head(norm(h)) need only the final norm
+    and lm_head on N rows — the same value a full forward gives, without the 30 decoder layers.
+    Rows are keyed by their unpadded token ids (right padding does not reach earlier positions)."""
+
+    def __init__(self, model: nn.Module):
+        decoder, _, _ = causal_lm_parts(model)
+        self.norm = getattr(decoder, "norm", None)
+        if not isinstance(self.norm, nn.Module):
+            raise ZOError(f"{type(decoder).__name__} has no final `norm` module; the trunk cache needs one")
+        before = [n for n, p in decoder.named_parameters() if p.requires_grad and not n.startswith("norm.")]
+        if before:
+            raise ZOError(f"the trunk cache needs a frozen trunk, but {len(before)} parameters before the final "
+                          f"norm are trainable (e.g. {before[0]})")
+        self.store: dict[tuple[bytes, int], torch.Tensor] = {}
+        self.decoder = decoder
+
+    def hidden(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, rows: torch.Tensor,
+               positions: torch.Tensor) -> torch.Tensor:
+        lengths = attention_mask.sum(1).tolist() if attention_mask is not None else [input_ids.shape[1]] * len(input_ids)
+        row_keys = [input_ids[r, :lengths[r]].cpu().numpy().tobytes() for r in range(len(input_ids))]
+        keys = [(row_keys[r], p) for r, p in zip(rows.tolist(), positions.tolist())]
+        missing = sorted({r for r, k in zip(rows.tolist(), keys) if k not in self.store})
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            captured = {}
+            handle = self.norm.register_forward_pre_hook(lambda m, a: captured.setdefault("h", a[0]))
+            try:
+                with torch.no_grad():
+                    self.decoder(input_ids=input_ids[idx], attention_mask=None if attention_mask is None
+                                 else attention_mask[idx], use_cache=False)
+            finally:
+                handle.remove()
+            where = {r: i for i, r in enumerate(missing)}
+            for r, p, k in zip(rows.tolist(), positions.tolist(), keys):
+                if k not in self.store and r in where:
+                    self.store[k] = captured["h"][where[r], p].detach().clone()
+        return torch.stack([self.store[k] for k in keys])
+
+
 def label_position_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits[n] = lm_head(h[rows[n], positions[n]]) — [N, vocab], float32; the decoder runs with
-    use_cache=False and only N hidden states reach lm_head."""
+    use_cache=False and only N hidden states reach lm_head. With a FrozenTrunkCache attached as
+    `model.zo_trunk_cache`, h = norm(cached trunk state) instead of a decoder forward."""
     decoder, head, config = causal_lm_parts(model)
-    out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-    hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-    logits = head(hidden[rows, positions]).float()
+    cache = getattr(model, "zo_trunk_cache", None)
+    if cache is not None:
+        logits = head(cache.norm(cache.hidden(input_ids, attention_mask, rows, positions))).float()
+    else:
+        out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+        logits = head(hidden[rows, positions]).float()
     cap = getattr(getattr(config, "get_text_config", lambda: config)(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap

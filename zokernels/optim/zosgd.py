@@ -474,4 +474,6 @@ def _check_param(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"parameter {name} (shape {tuple(t.shape)}) is not contiguous; call "
                          "param.data = param.data.contiguous() once before building the optimizer")
     if t.device.type == "meta":
-        raise ValueError(f"parameter {name} is on the meta device; materialize it first")
+        raise ValueError(f"parameter {name} is on the meta device (e.g. offloaded by accelerate's device_map "
+                         "'cpu'/'disk'); ZO perturbs weights where they live: place every trainable weight on "
+                         "a real device, or shard the model with FSDP2")
