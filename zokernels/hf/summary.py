@@ -1,0 +1,40 @@
+"""`python -m zokernels.hf.summary RUN_DIR [...]`: the markdown results table of finetune runs, made
+from their metrics.json (the README's numbers come from here, never typed by hand)."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+HEADER = ("| device | ZO tunes | steps x batch | test examples | zero-shot | ZO fine-tuned | gain (points) "
+          "| McNemar p | first-order | wall time |\n"
+          "|---|---|---|---|---|---|---|---|---|---|")
+
+
+def _pct(x: float) -> str:
+    return f"{100 * x:.1f}%"
+
+
+def row(metrics: dict) -> str:
+    cfg, zo, fo = metrics["config"], metrics["zo"], metrics.get("fo")
+    cells = [cfg["device"], f"{cfg['tune']} ({metrics['trainable_params']:,} params)",
+             f"{zo['steps']} x {cfg['batch_size']}, q={cfg['n_queries']}", str(metrics["n_test"]),
+             _pct(metrics["zero_shot"]["test_accuracy"]), _pct(zo["test_accuracy"]), f"{zo['gain_points']:+.1f}",
+             f"{zo['mcnemar_vs_zero_shot']['p_value']:.3g}", _pct(fo["test_accuracy"]) if fo else "not run",
+             f"{metrics['seconds']['total'] / 60:.1f} min"]
+    return "| " + " | ".join(cells) + " |"
+
+
+def table(run_dirs: list[str]) -> str:
+    rows = []
+    for d in run_dirs:
+        with open(os.path.join(d, "metrics.json")) as fh:
+            rows.append(row(json.load(fh)))
+    return "\n".join([HEADER, *rows])
+
+
+if __name__ == "__main__":
+    if len(sys.argv) < 2:
+        print("usage: python -m zokernels.hf.summary RUN_DIR [RUN_DIR ...]", file=sys.stderr)
+        sys.exit(2)
+    print(table(sys.argv[1:]))
