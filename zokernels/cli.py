@@ -274,7 +274,9 @@ def write_plot(path: str, curves: dict, zero_shot: dict, final: dict) -> None:
     for name, acc in final.items():
         ax_acc.scatter([max((s for c in curves.values() for s, _ in c["loss"]), default=0)], [acc],
                        marker="*", s=120, label=f"{name} test")
-    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss"), ax_loss.legend(fontsize=8)
+    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss")
+    if ax_loss.get_legend_handles_labels()[0]:  # a 2-step smoke run may log no loss point
+        ax_loss.legend(fontsize=8)
     ax_acc.set_xlabel("step"), ax_acc.set_ylabel("accuracy"), ax_acc.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
