@@ -412,3 +412,20 @@ def test_gpu_under_compute_sanitizer():
     run = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
                           "zokernels.backends.cuda.selfcheck"], capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
+
+
+def test_host_math_reproduces_the_golden_table(ext):
+    import json
+    from pathlib import Path
+
+    golden = json.loads((Path(__file__).parent / "data" / "golden_z.json").read_text())
+    one = torch.empty(1, dtype=torch.float32)
+    for row in golden["rows"]:
+        args = (int(row["seed"]), int(row["key"]), row["query"], row["stream"])
+        j = int(row["j"])
+        ext.host_perturbation(one.data_ptr(), 1, *args, DIST["gaussian"], j)
+        assert abs(one.item() - row["gaussian"]) <= 1e-5, row
+        ext.host_perturbation(one.data_ptr(), 1, *args, DIST["rademacher"], j)
+        assert one.item() == row["rademacher"], row
+        ext.host_uniform(one.data_ptr(), 1, *args, j)
+        assert one.item() == row["uniform"], row
