@@ -20,7 +20,7 @@ from .update import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecor
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
                      projected_grads)
 
-SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_DTYPES = ops.FLOAT_DTYPES  # one list of trainable dtypes: the ops contract
 
 
 class NonFiniteLoss(FloatingPointError):
