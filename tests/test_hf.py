@@ -320,3 +320,66 @@ def test_frozen_trunk_cache_refuses_a_trainable_trunk():
 
     with pytest.raises(ZOError, match="frozen trunk"):
         FrozenTrunkCache(tiny_llama())
+
+
+@pytest.mark.parametrize("first_layer", [1, 2, 3])
+def test_layer_input_cache_equals_the_full_forward(first_layer):
+    """Cached layer-L inputs + layers L.. give the full forward's scores. Bitwise in float32: the tail
+    sees bit-identical inputs at every real position, and with right padding + causal attention the
+    pad positions (zeros in the cached batch) get exactly zero attention weight from real tokens."""
+    from zokernels.hf.scoring import LayerInputCache
+
+    model = tiny_llama(layers=3).eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith(f"model.layers.{first_layer}.") or "layers" not in n and "norm" in n)
+    col = collator()
+    layouts = [EXAMPLES[:6], EXAMPLES[2:6] + EXAMPLES[:2], EXAMPLES[4:10]]  # filled, all cached, half cached
+    calls = []
+    model.model.layers[0].self_attn.register_forward_hook(lambda *a: calls.append(1))
+    with torch.no_grad():
+        want = [candidate_scores(model, col(b)) for b in layouts]
+        model.zo_trunk_cache = cache = LayerInputCache(model, first_layer)
+        calls.clear()
+        got = candidate_scores(model, col(layouts[0]))
+        assert len(calls) == 1 and len(cache) == 12  # one full forward fills (2 candidate rows per example)
+        calls.clear()
+        got = [got] + [candidate_scores(model, col(b)) for b in layouts[1:]]
+        assert len(calls) == 1 and len(cache) == 20  # the half-cached batch fills only its 8 new rows
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=0, atol=0)
+        if first_layer < 3:  # the tuned layers still act: changing one changes the cached-path answer
+            model.model.layers[first_layer].mlp.down_proj.weight.mul_(1.5)
+            moved = candidate_scores(model, col(layouts[2]))
+            del model.zo_trunk_cache
+            torch.testing.assert_close(moved, candidate_scores(model, col(layouts[2])), rtol=0, atol=0)
+            assert not torch.allclose(moved, got[2])
+
+
+def test_layer_input_cache_refusals():
+    from zokernels.hf.errors import ZOError
+    from zokernels.hf.scoring import LayerInputCache
+
+    model = tiny_llama(layers=3)
+    with pytest.raises(ZOError, match="layers 0..1 frozen"):
+        LayerInputCache(model, 2)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ZOError, match=r"first_layer must be in \[1, 3\]"):
+        LayerInputCache(model, 0)
+    cache = LayerInputCache(model, 1)
+    ids = torch.tensor([[0, 0, 5, 6], [3, 4, 5, 6]])
+    with pytest.raises(ZOError, match="right-padded"):
+        cache.decoder_output(ids, torch.tensor([[0, 0, 1, 1], [1, 1, 1, 1]]))
+
+    class Reversed(type(model.model)):  # a decoder that does not call its layers in order
+        def forward(self, input_ids=None, attention_mask=None, **kw):
+            h = self.embed_tokens(input_ids)
+            pos = torch.arange(h.shape[1])[None]
+            pe = self.rotary_emb(h, position_ids=pos)
+            for layer in reversed(self.layers):
+                h = layer(h, attention_mask=None, position_embeddings=pe, position_ids=pos)
+            return SimpleNamespace(last_hidden_state=self.norm(h))
+
+    model.model.__class__ = Reversed
+    with torch.no_grad(), pytest.raises(ZOError, match="does not fit"):
+        LayerInputCache(model, 2).decoder_output(ids, None)

@@ -12,6 +12,7 @@ states are gathered there and only those rows go through lm_head (never a tokens
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -163,20 +164,165 @@ class FrozenTrunkCache:
                     self.store[k] = captured["h"][where[r], p].detach().clone()
         return torch.stack([self.store[k] for k in keys])
 
+    def label_hidden(self, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+        """norm(cached pre-norm state) at (rows[n], positions[n]) — the rows lm_head scores."""
+        return self.norm(self.hidden(input_ids, attention_mask, rows, positions))
+
+
+def _right_padded_lengths(input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> list[int]:
+    """Unpadded length of each row; refuses masks that are not 1...1 0...0 (right padding)."""
+    if attention_mask is None:
+        return [input_ids.shape[1]] * input_ids.shape[0]
+    lengths = attention_mask.sum(1)
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    if not torch.equal(attention_mask.bool(), positions[None, :] < lengths[:, None]):
+        raise ZOError("the layer-input cache needs right-padded rows (attention_mask 1...1 0...0); "
+                      "set tokenizer.padding_side = 'right'")
+    return lengths.tolist()
+
+
+class LayerInputCache:
+    """Hidden states at the input of decoder layer `first_layer`, computed once per prompt row.
+
+    Valid while the embeddings and decoder layers 0 .. first_layer-1 stay unchanged (only the later
+    layers, the final norm or lm_head are tuned). With right padding and causal attention a real
+    token's state does not depend on the pads, so each row is stored for its unpadded positions,
+    keyed by its unpadded token ids. `decoder_output(input_ids, attention_mask)` then runs the
+    decoder with layers 0 .. first_layer-1 skipped: the decoder's own embedding, rotary and mask
+    code still runs, layers 0 .. first_layer-2 return their input and layer first_layer-1 returns
+    the cached states of the batch, so only layers first_layer.. + the final norm do work.
+
+    Attach it as `model.zo_trunk_cache` and `label_position_logits` / `candidate_scores` use it.
+    The first fill checks the skipping forward against the full one (ZOError if the decoder does
+    not call its `layers` in order, once each, with the hidden states as first argument)."""
+
+    def __init__(self, model: nn.Module, first_layer: int, *, verify: bool = True, rtol: float = 1e-4,
+                 atol: float = 1e-4):
+        decoder, _, _ = causal_lm_parts(model)
+        layers = getattr(decoder, "layers", None)
+        if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+            raise ZOError(f"{type(decoder).__name__} has no `layers` ModuleList of decoder layers; the "
+                          "layer-input cache needs one")
+        if not 1 <= first_layer <= len(layers):
+            raise ZOError(f"first_layer must be in [1, {len(layers)}] (the decoder has {len(layers)} layers), "
+                          f"got {first_layer}")
+        frozen_ids = {id(p) for i in range(first_layer) for p in layers[i].parameters()}
+        for name, mod in decoder.named_children():
+            if name not in ("layers", "norm"):
+                frozen_ids |= {id(p) for p in mod.parameters()}
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad and id(p) in frozen_ids]
+        if trainable:
+            raise ZOError(f"the layer-input cache needs the embeddings and layers 0..{first_layer - 1} frozen, "
+                          f"but {len(trainable)} of their parameters are trainable (e.g. {trainable[0]})")
+        self.decoder, self.layers, self.first_layer = decoder, layers, first_layer
+        self.store: dict[bytes, torch.Tensor] = {}
+        self.verify, self.rtol, self.atol = verify, rtol, atol
+        self._returns_tuple: bool | None = None
+        self._verified = False
+
+    def __len__(self) -> int:
+        return len(self.store)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.store.values())
+
+    def _full_forward(self, input_ids, attention_mask, capture: dict):
+        """Full decoder forward that records the input of layer first_layer (and the layers' return type)."""
+        def pre(module, args, kwargs):
+            capture["h"] = args[0] if args else kwargs["hidden_states"]
+
+        def post(module, args, output):
+            capture["tuple"] = isinstance(output, tuple)
+
+        handles = [self.layers[self.first_layer].register_forward_pre_hook(pre, with_kwargs=True)
+                   if self.first_layer < len(self.layers) else
+                   getattr(self.decoder, "norm").register_forward_pre_hook(lambda m, a: capture.update(h=a[0])),
+                   self.layers[self.first_layer - 1].register_forward_hook(post)]
+        try:
+            return self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+
+    @contextlib.contextmanager
+    def _skipping(self, states: torch.Tensor):
+        wrap = (lambda h: (h,)) if self._returns_tuple else (lambda h: h)
+
+        def passthrough(*args, **kwargs):
+            return wrap(args[0] if args else kwargs["hidden_states"])
+
+        def inject(*args, **kwargs):
+            return wrap(states)
+
+        for i in range(self.first_layer):
+            self.layers[i].forward = inject if i == self.first_layer - 1 else passthrough
+        try:
+            yield
+        finally:
+            for i in range(self.first_layer):
+                del self.layers[i].forward
+
+    def decoder_output(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None):
+        """The decoder's output (last_hidden_state after the final norm) for this batch, computing only
+        layers first_layer.. for rows already cached."""
+        lengths = _right_padded_lengths(input_ids, attention_mask)
+        keys = [input_ids[r, :n].cpu().numpy().tobytes() for r, n in enumerate(lengths)]
+        missing = sorted({keys[r]: r for r in range(len(keys)) if keys[r] not in self.store}.values())
+        full_out = None
+        if missing:
+            idx = torch.tensor(missing, device=input_ids.device)
+            capture: dict = {}
+            with torch.no_grad():
+                out = self._full_forward(input_ids[idx], None if attention_mask is None else attention_mask[idx],
+                                         capture)
+            self._returns_tuple = capture["tuple"]
+            for i, r in enumerate(missing):
+                self.store[keys[r]] = capture["h"][i, :lengths[r]].detach().clone()
+            if len(missing) == len(keys):
+                full_out = out
+        if full_out is not None and (self._verified or not self.verify):
+            return full_out
+        ref = self.store[keys[0]]
+        states = torch.zeros(*input_ids.shape, ref.shape[-1], dtype=ref.dtype, device=ref.device)
+        for r, n in enumerate(lengths):
+            states[r, :n] = self.store[keys[r]]
+        with self._skipping(states):
+            out = self.decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        if full_out is not None:  # first fill: the skipping forward must reproduce the full one
+            self._check(full_out, out, lengths)
+        return out
+
+    def _check(self, full_out, out, lengths) -> None:
+        a, b = _last_hidden(full_out), _last_hidden(out)
+        ok = a.shape == b.shape and all(torch.allclose(a[r, :n].float(), b[r, :n].float(), rtol=self.rtol,
+                                                       atol=self.atol) for r, n in enumerate(lengths))
+        if not ok:
+            raise ZOError(f"{type(self.decoder).__name__}: the forward with layers 0..{self.first_layer - 1} "
+                          "skipped does not reproduce the full forward; this decoder's structure does not fit "
+                          "the layer-input cache (use --cache-trunk no)")
+        self._verified = True
+
+    def label_hidden(self, input_ids, attention_mask, rows, positions) -> torch.Tensor:
+        """Final-norm hidden states at (rows[n], positions[n]) — the rows lm_head scores."""
+        return _last_hidden(self.decoder_output(input_ids, attention_mask))[rows, positions]
+
+
+def _last_hidden(out) -> torch.Tensor:
+    return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
 
 def label_position_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
                           rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """logits[n] = lm_head(h[rows[n], positions[n]]) — [N, vocab], float32; the decoder runs with
-    use_cache=False and only N hidden states reach lm_head. With a FrozenTrunkCache attached as
-    `model.zo_trunk_cache`, h = norm(cached trunk state) instead of a decoder forward."""
+    use_cache=False and only N hidden states reach lm_head. With a FrozenTrunkCache or LayerInputCache
+    attached as `model.zo_trunk_cache`, h comes from its `label_hidden` (cached frozen states)."""
     decoder, head, config = causal_lm_parts(model)
     cache = getattr(model, "zo_trunk_cache", None)
     if cache is not None:
-        logits = head(cache.norm(cache.hidden(input_ids, attention_mask, rows, positions))).float()
+        logits = head(cache.label_hidden(input_ids, attention_mask, rows, positions)).float()
     else:
         out = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        hidden = out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
-        logits = head(hidden[rows, positions]).float()
+        logits = head(_last_hidden(out)[rows, positions]).float()
     cap = getattr(getattr(config, "get_text_config", lambda: config)(), "final_logit_softcapping", None)
     if cap:
         logits = torch.tanh(logits / cap) * cap
