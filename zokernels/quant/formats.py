@@ -17,7 +17,6 @@ from dataclasses import dataclass
 import torch
 
 from .. import contract as C
-from .. import ops
 from . import reference as R
 
 FORMATS = ("int8", "int4", "fp8")
@@ -120,9 +119,12 @@ def dequantize(qw: QuantizedWeight, vals: torch.Tensor | None = None) -> torch.T
 
 
 def quantize_weight(w: torch.Tensor, fmt: str, *, rounding: str = "nearest", seed: int = 0, key: int = 0,
-                    group_size: int = 128) -> QuantizedWeight:
+                    group_size: int = 128, backend: str = "auto") -> QuantizedWeight:
     """Quantize a float weight [N, K]: q = R(w / s) clamped to the symmetric grid, s = compute_scale.
-    R: nearest, or stochastic with the uniforms of (seed, STREAM_QUANT_SR, query 0, key, j = nK + k)."""
+    R: nearest, or stochastic with the uniforms of (seed, STREAM_QUANT_SR, query 0, key, j = nK + k).
+    The element math runs in the backend chosen by zokernels.quant.ops.quant_backend (quant_quantize)."""
+    from . import ops as QO  # ops imports this module
+
     check_format(fmt)
     C.check_rounding(rounding)
     if w.ndim != 2:
@@ -130,17 +132,11 @@ def quantize_weight(w: torch.Tensor, fmt: str, *, rounding: str = "nearest", see
     if fmt == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
     n, k = w.shape
-    scale = compute_scale(w, fmt, group_size)
-    qw = QuantizedWeight(fmt, torch.empty(0), scale, (n, k), group_size if fmt == "int4" else 0)
-    x = w.detach().to(torch.float32) / scale_full(qw)
-    v = ops.uniform((n, k), seed, key, 0, stream=C.STREAM_QUANT_SR, device=w.device) \
-        if rounding == "stochastic" else None
-    vals = to_grid(fmt, x, v)
+    group_size = group_size if fmt == "int4" else 0
+    scale = compute_scale(w, fmt, group_size).contiguous()
     if fmt == "int4":
-        kp = _padded_k(k, fmt, group_size)
-        qw.q = R.pack_int4(torch.nn.functional.pad(vals, (0, kp - k)))
-    elif fmt == "int8":
-        qw.q = vals.to(torch.int8)
+        q = torch.empty(n, _padded_k(k, fmt, group_size) // 2, dtype=torch.uint8, device=w.device)
     else:
-        qw.q = vals.to(torch.float8_e4m3fn)
-    return qw
+        q = torch.empty(n, k, dtype=torch.int8 if fmt == "int8" else torch.float8_e4m3fn, device=w.device)
+    QO.quantize_into(w, scale, fmt, group_size, rounding, seed, key, q, backend)
+    return QuantizedWeight(fmt, q, scale, (n, k), group_size)

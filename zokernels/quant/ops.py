@@ -1,17 +1,43 @@
-"""QuZO ops on quantized weights: integer-domain probe directions, reversible in-place perturbation,
-the unbiased update in its two forms, and the quantized matmuls with their backend choice.
+"""QuZO ops on quantized weights: quantization, integer-domain probe weights, reversible in-place
+perturbation, the unbiased update in its two forms, and the quantized matmuls with their backend choice.
 
 Streams (docs/perturbation.md section 4): z of query q from STREAM_Z; the probe rounding
 Q1 from STREAM_QUZO_PROBE (query q); the paper-form rounding of the update direction Q2 from
 STREAM_QUZO_UPDATE (query q); the final rounding of the update from STREAM_UPDATE_SR (query 0);
-activation SR from STREAM_ACT_SR (query q, shared by both probes of a query). Element index
-j = n * K + k of the logical [N, K] weight; for activations j = m * K + k of the [M, K] input.
+weight quantization from STREAM_QUANT_SR (query 0); activation SR from STREAM_ACT_SR (query q, shared by
+both probes of a query). Element index j = n * K + k of the logical [N, K] weight; for activations
+j = m * K + k of the [M, K] input.
 
-Integer formats: d = eps * z / s (float32, s the element's scale), D1 = SR(d) (int32); the probe
-weights are clamp(q +- D1). FP8: the probe weights are SR_e4m3(q +- d), the same uniforms for + and -.
+Integer formats: d = (z * eps) / s (float32, s the element's scale), D1 = SR(clamp(d, +-2^30)) (int32);
+the probe weights are clamp(q +- D1, +-qmax). FP8: the probe weights are SR_e4m3(q +- d), the same
+uniforms for + and -. Element math, step by step: zokernels/backends/reference/quant.py.
+
+Backend contract of the quantized-weight ops (reference, triton, cuda implement these names; chosen per
+device by quant_backend(): reference on CPU unless backend="triton" is asked for (interpreter), on CUDA
+the first of cuda, triton, reference that has all three). All three are bitwise equal across backends.
+fmt in ("int8", "int4", "fp8"); storage q: int8 [N, K] | uint8 [N, Kp/2] (int4, element 2i of a row in
+the low nibble of byte i, padding nibbles k >= K are 0) | float8_e4m3fn [N, K]; scale float32 [N, 1]
+(int8, fp8) or [N, Kp/group_size] (int4, Kp = K rounded up to group_size). All tensors contiguous, on
+one device; seed/key are uint64 Python ints, eps/lr/coeffs Python floats (rounded to float32 inside).
+
+  quant_quantize(w, scale, fmt, group_size, rounding, seed, key, out) -> None
+      w float [N, K] (float32/bfloat16/float16); out: the storage (all of it written, int4 padding 0).
+      out = R(w / s) on the grid, clamped to +-qmax; rounding "nearest" (int: half to even; fp8: RNE)
+      or "stochastic" (uniforms of STREAM_QUANT_SR, query 0, j = n * K + k).
+  quant_probe(q, scale, fmt, shape, group_size, seed, key, query, eps, sign, dist, out, saturated) -> None
+      out-of-place probe weights of (query, sign) for the logical shape (N, K); sign is +1 or -1.
+      out: int8 [N, K] (grid values; int formats) | float8_e4m3fn [N, K] (grid values; fp8) |
+      float32/bfloat16/float16 [N, K] (dequantized: float32 value * s, then RNE to out's dtype).
+      saturated: int64 [1] on the device; the number of clamped elements is added to it (atomic add,
+      no host sync): int: clamp(q + sign D1) != q + sign D1; fp8: |q + sign d| > 448.
+  quant_update_(q, scale, fmt, shape, group_size, seed, key, coeffs, lr, eps, form, dist, saturated) -> None
+      in place q <- Q(q - x), x = update_target(...) of form "single" or "paper" with c_q = coeffs[q]
+      (queries 0 .. len(coeffs) - 1); int: q - SR(clamp(x, +-2^30)) clamped to +-qmax; fp8:
+      SR_e4m3(q - x) (STREAM_UPDATE_SR, query 0); saturated += clamped elements (as in quant_probe).
 """
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -19,17 +45,80 @@ import torch
 
 from .. import contract as C
 from .. import ops
+from ..backends import registry
 from . import formats as F
 from . import reference as R
 
 UPDATE_FORMS = ("single", "paper")
 MATMUL_BACKENDS = ("auto", "reference", "torch", "triton")
+QUANT_OPS = ("quant_quantize", "quant_probe", "quant_update_")
+SR_CLAMP = 2.0 ** 30
+
+
+# ----------------------------------------------------------------------------- backend choice
+def quant_backend(device: torch.device, backend: str = "auto"):
+    """The backend module for the quantized-weight ops on `device`. 'auto' ($ZOKERNELS_BACKEND if set):
+    reference on CPU, on CUDA the first of cuda, triton, reference implementing QUANT_OPS. A requested
+    backend without the ops falls back to the 'auto' choice (deterministically, so replay reproduces)."""
+    if backend == "auto":
+        backend = os.environ.get(ops.BACKEND_ENV, "auto") or "auto"
+    if backend != "auto":
+        mod = registry.require(backend, device)
+        if all(hasattr(mod, op) for op in QUANT_OPS):
+            return mod
+    return registry.auto(device, needs=QUANT_OPS)
 
 
 def _f32(x: float) -> float:
     return float(torch.tensor(float(x), dtype=torch.float32))
 
 
+def _scalar(x: float, like: torch.Tensor) -> torch.Tensor:
+    """float32 0-dim tensor on like's device (on CUDA, `t / python_scalar` multiplies by a reciprocal)."""
+    return torch.tensor(_f32(x), dtype=torch.float32, device=like.device)
+
+
+def new_counter(device) -> torch.Tensor:
+    """An int64 [1] saturation counter for the kernels to add to."""
+    return torch.zeros(1, dtype=torch.int64, device=device)
+
+
+def _check_sign(sign: int) -> int:
+    if sign not in (1, -1):
+        raise ValueError(f"sign must be +1 or -1, got {sign!r}")
+    return int(sign)
+
+
+def _check_counter(saturated: torch.Tensor | None, device) -> torch.Tensor:
+    if saturated is None:
+        return new_counter(device)
+    if saturated.dtype != torch.int64 or saturated.numel() != 1 or saturated.device != torch.device(device):
+        raise ValueError(f"saturated must be an int64 tensor of one element on {device}, got "
+                         f"{saturated.dtype} {tuple(saturated.shape)} on {saturated.device}")
+    return saturated
+
+
+def _check_qw(qw: F.QuantizedWeight) -> None:
+    F.check_format(qw.fmt)
+    if not (qw.q.is_contiguous() and qw.scale.is_contiguous()):
+        raise ValueError("quantized weight storage and scale must be contiguous")
+    if qw.scale.dtype != torch.float32 or qw.scale.device != qw.q.device:
+        raise ValueError("scale must be float32 on the storage's device")
+
+
+# ----------------------------------------------------------------------------- quantization
+def quantize_into(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int, rounding: str, seed: int,
+                  key: int, out: torch.Tensor, backend: str = "auto") -> torch.Tensor:
+    """out <- storage of R(w / s) (see quant_quantize in the module docstring); returns out."""
+    C.check_rounding(rounding)
+    if w.dtype not in ops.FLOAT_DTYPES:
+        raise TypeError(f"quantize takes a float32/bfloat16/float16 weight, got {w.dtype}")
+    quant_backend(w.device, backend).quant_quantize(w.detach().contiguous(), scale, fmt, group_size, rounding,
+                                                    C.check_u64(seed, "seed"), C.check_u64(key, "key"), out)
+    return out
+
+
+# ----------------------------------------------------------------------------- probes
 def _z(qw: F.QuantizedWeight, seed: int, key: int, query: int, dist: str, cache: dict | None = None) -> torch.Tensor:
     """z of (seed, query, key) over the logical weight; `cache` (a dict that lives for one step) keeps
     it for the other probe and the update: the reference Philox dominates a CPU step otherwise."""
@@ -47,8 +136,9 @@ def _v(qw: F.QuantizedWeight, seed: int, key: int, query: int, stream: int) -> t
 
 def scaled_direction(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: float,
                      dist: str = "gaussian", cache: dict | None = None) -> torch.Tensor:
-    """d = eps * z_query / s, float32 [N, K]: the perturbation in grid units."""
-    return (_z(qw, seed, key, query, dist, cache) * _f32(eps)) / F.scale_full(qw)
+    """d = (eps * z_query) / s, float32 [N, K]: the perturbation in grid units."""
+    z = _z(qw, seed, key, query, dist, cache)
+    return (z * _scalar(eps, z)) / F.scale_full(qw)
 
 
 def probe_delta(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: float, dist: str = "gaussian",
@@ -62,7 +152,7 @@ def probe_delta(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: flo
         return cache[k]
     d = scaled_direction(qw, seed, key, query, eps, dist, cache)
     v = _v(qw, seed if sr_seed is None else sr_seed, key, query, C.STREAM_QUZO_PROBE)
-    out = R.sr_to_int(torch.clamp(d, -2.0 ** 30, 2.0 ** 30), v)
+    out = R.sr_to_int(torch.clamp(d, -SR_CLAMP, SR_CLAMP), v)
     if cache is not None:
         cache[k] = out
     return out
@@ -74,10 +164,43 @@ class ProbeResult:
     saturated: int          # elements clamped at +-qmax
 
 
+def grid_dtype(fmt: str) -> torch.dtype:
+    """The dtype of probe weights as grid values: int8 (int8, int4) or float8_e4m3fn (fp8)."""
+    return torch.float8_e4m3fn if fmt == "fp8" else torch.int8
+
+
+def probe_weights(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: float, sign: int,
+                  dist: str = "gaussian", *, out_dtype: torch.dtype | None = None,
+                  saturated: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
+    """The weights of probe (query, sign), out of place, by the backend kernel (quant_probe): grid values
+    (out_dtype None: int8 for int formats, float8_e4m3fn for fp8) or dequantized values * s (out_dtype
+    float32/bfloat16/float16), [N, K]. Clamped elements are added to `saturated` (int64 [1]) if given."""
+    _check_qw(qw)
+    C.check_dist(dist)
+    sign = _check_sign(sign)
+    out_dtype = grid_dtype(qw.fmt) if out_dtype is None else out_dtype
+    if out_dtype not in (grid_dtype(qw.fmt),) + ops.FLOAT_DTYPES:
+        raise ValueError(f"probe weights of {qw.fmt} come as {grid_dtype(qw.fmt)} grid values or float "
+                         f"{ops.FLOAT_DTYPES}, not {out_dtype}")
+    device = qw.q.device
+    saturated = _check_counter(saturated, device)
+    out = torch.empty(qw.shape, dtype=out_dtype, device=device)
+    quant_backend(device, backend).quant_probe(qw.q, qw.scale, qw.fmt, tuple(qw.shape), qw.group_size,
+                                               C.check_u64(seed, "seed"), C.check_u64(key, "key"),
+                                               C.check_query(query), float(eps), sign, dist, out, saturated)
+    return out
+
+
 def probe_values(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: float, sign: int,
-                 dist: str = "gaussian", sr_seed: int | None = None, cache: dict | None = None) -> ProbeResult:
+                 dist: str = "gaussian", sr_seed: int | None = None, cache: dict | None = None,
+                 backend: str = "auto") -> ProbeResult:
     """The weights of probe (query, sign), as grid values, computed out of place (drift-free):
-    int: clamp(q + sign * D1, -qmax, qmax); fp8: SR_e4m3(q + sign * d) (uniforms of STREAM_QUZO_PROBE)."""
+    int: clamp(q + sign * D1, -qmax, qmax); fp8: SR_e4m3(q + sign * d) (uniforms of STREAM_QUZO_PROBE).
+    Without cache and sr_seed: the backend kernel (probe_weights); otherwise materialized here."""
+    if cache is None and sr_seed is None:
+        counter = new_counter(qw.q.device)
+        vals = probe_weights(qw, seed, key, query, eps, sign, dist, saturated=counter, backend=backend)
+        return ProbeResult(vals.to(torch.float32 if qw.fmt == "fp8" else torch.int32), int(counter))
     q = F.values(qw)
     if qw.fmt == "fp8":
         d = scaled_direction(qw, seed, key, query, eps, dist, cache)
@@ -134,24 +257,25 @@ def update_target(qw: F.QuantizedWeight, seed: int, key: int, coeffs: Sequence[f
     single: x = lr * (sum_q c_q z_q) / s                      (one rounding later: unbiased, less variance)
     paper : x = lr * (sum_q c_q D2_q) / eps, D2_q = Q2(eps z_q / s) (uniforms: STREAM_QUZO_UPDATE, q)
     (sums start from the first term, as in the float ops.) rounding_seed (default seed) redraws Q2 at a
-    fixed z (variance tests)."""
+    fixed z (variance tests). Materialized here; the backends fuse it into quant_update_."""
     if form not in UPDATE_FORMS:
         raise ValueError(f"update form must be one of {UPDATE_FORMS}, got {form!r}")
     acc = None
     for q, c in enumerate(coeffs):
         if form == "single":
-            term = _z(qw, seed, key, q, dist, cache) * _f32(c)
+            z = _z(qw, seed, key, q, dist, cache)
+            term = z * _scalar(c, z)
         else:
             d = scaled_direction(qw, seed, key, q, eps, dist, cache)
             v = _v(qw, seed if rounding_seed is None else rounding_seed, key, q, C.STREAM_QUZO_UPDATE)
-            d2 = F.to_grid(qw, d, v).to(torch.float32) if qw.fmt == "fp8" else R.sr_to_int(d, v).to(torch.float32)
-            term = d2 * _f32(c)
+            d2 = R.sr_to_e4m3(d, v) if qw.fmt == "fp8" else R.sr_to_int(torch.clamp(d, -SR_CLAMP, SR_CLAMP), v)
+            term = d2.to(torch.float32) * _scalar(c, d)
         acc = term if acc is None else acc + term
     if acc is None:
         return torch.zeros(qw.shape, dtype=torch.float32, device=qw.scale.device)
     if form == "single":
-        return (acc * _f32(lr)) / F.scale_full(qw)
-    return (acc * _f32(lr)) / _f32(eps)
+        return (acc * _scalar(lr, acc)) / F.scale_full(qw)
+    return (acc * _scalar(lr, acc)) / _scalar(eps, acc)
 
 
 def update_values(qw: F.QuantizedWeight, x: torch.Tensor, seed: int, key: int,
@@ -163,14 +287,38 @@ def update_values(qw: F.QuantizedWeight, x: torch.Tensor, seed: int, key: int,
     if qw.fmt == "fp8":
         y = q - x
         return ProbeResult(R.sr_to_e4m3(y, v).to(torch.float32), int((y.abs() > qw.qmax).sum()))
-    raw = q - R.sr_to_int(torch.clamp(x, -2.0 ** 30, 2.0 ** 30), v)
+    raw = q - R.sr_to_int(torch.clamp(x, -SR_CLAMP, SR_CLAMP), v)
     clamped = torch.clamp(raw, -int(qw.qmax), int(qw.qmax))
     return ProbeResult(clamped, int((clamped != raw).sum()))
 
 
+def update_(qw: F.QuantizedWeight, seed: int, key: int, coeffs: Sequence[float], lr: float, eps: float,
+            form: str = "single", dist: str = "gaussian", *, saturated: torch.Tensor | None = None,
+            backend: str = "auto") -> torch.Tensor:
+    """q <- Q(q - update_target(...)) in place by the backend kernel (quant_update_, one pass, no
+    materialized z); saturated elements are added to `saturated` (int64 [1], returned; no host sync)."""
+    _check_qw(qw)
+    C.check_dist(dist)
+    if form not in UPDATE_FORMS:
+        raise ValueError(f"update form must be one of {UPDATE_FORMS}, got {form!r}")
+    if len(coeffs) > C.MAX_QUERIES:
+        raise ValueError(f"at most {C.MAX_QUERIES} coefficients (queries), got {len(coeffs)}")
+    device = qw.q.device
+    saturated = _check_counter(saturated, device)
+    quant_backend(device, backend).quant_update_(qw.q, qw.scale, qw.fmt, tuple(qw.shape), qw.group_size,
+                                                 C.check_u64(seed, "seed"), C.check_u64(key, "key"),
+                                                 [float(c) for c in coeffs], float(lr), float(eps), form, dist,
+                                                 saturated)
+    return saturated
+
+
 def apply_update_(qw: F.QuantizedWeight, seed: int, key: int, coeffs: Sequence[float], lr: float, eps: float,
-                  form: str = "single", dist: str = "gaussian", cache: dict | None = None) -> int:
-    """q <- Q(q - update_target(...)) in place; returns the number of saturated elements."""
+                  form: str = "single", dist: str = "gaussian", cache: dict | None = None,
+                  backend: str = "auto") -> int:
+    """q <- Q(q - update_target(...)) in place; returns the number of saturated elements. With a step
+    cache (CPU) materialized here from the cached z; otherwise the backend kernel (update_)."""
+    if cache is None:
+        return int(update_(qw, seed, key, coeffs, lr, eps, form, dist, backend=backend))
     res = update_values(qw, update_target(qw, seed, key, coeffs, lr, eps, form, dist, cache), seed, key)
     F.store_values_(qw, res.values)
     return res.saturated
