@@ -1,16 +1,25 @@
 """QuantLinear (a quantized nn.Linear) and quantize_model (swap every nn.Linear for one).
 
-Forward paths (`matmul=`):
-  "dequant": y = x @ (q * s)^T + b in float32 (W8/W4/FP8 with 16/32-bit activations; the reference
-             path, and W4A16 / FP8 on CPU).
+Forward paths (`matmul=`; the kernels and their backends: zokernels.quant.matmul):
+  "dequant": y = x @ (q * s)^T + b in float32 (every format; the reference path).
   "w8a8"   : int8 only. Activations quantized per token (s_m = amax_m / 127), to nearest or, during a
              QuZO probe with act_sr, stochastically (STREAM_ACT_SR, the probe's query, the layer key,
              j = m * K + k: both probes of a query draw the same uniforms); int8 x int8 -> int32
              accumulation, then y = acc * s_m * s_n + b (zokernels.quant.ops.w8a8_matmul).
+  "fp8"    : fp8 only. Activations per token to e4m3 (s_m = amax_m / 448; RN, or SR_e4m3 with the
+             same act_sr uniforms as w8a8); e4m3 x e4m3 -> float32 accumulation, y = acc * s_m * s_n + b.
+  "w4a16"  : int4 only. Activations stay in their dtype DT (fp16 / bf16 / fp32); the weight is unpacked
+             and dequantized tile by tile to DT inside the matmul, float32 accumulation, + b.
+  "auto"   : resolved per call from the input's device: on CUDA the format's own path (int8 -> w8a8,
+             int4 -> w4a16, fp8 -> fp8), elsewhere "dequant" (the CPU paths are slower than dequant).
+`matmul_backend` ("auto" | "reference" | "torch" | "triton") picks the implementation of the quantized
+paths (see zokernels.quant.matmul; "auto": Triton on CUDA, torch._int_mm / _scaled_mm / exact reference
+as fallbacks).
 
 During a QuZO probe the optimizer sets `probe` on every QuantLinear; the forward then uses the probe
 weights clamp(q +- Q1(eps z / s)) computed on the fly (drift-free: q itself is never written, the
-scratch lives for this layer's forward only).
+scratch lives for this layer's forward only); each path consumes them in its own storage format
+(int8 / repacked int4 / e4m3).
 """
 from __future__ import annotations
 
@@ -20,9 +29,13 @@ import torch
 
 from .. import contract as C
 from . import formats as F
+from . import matmul as MM
 from . import ops as Q
 
-MATMULS = ("dequant", "w8a8")
+MATMULS = ("dequant", "w8a8", "w4a16", "fp8", "auto")
+# the format each quantized forward path needs, and the path "auto" resolves to on CUDA
+MATMUL_FORMAT = {"w8a8": "int8", "w4a16": "int4", "fp8": "fp8"}
+AUTO_MATMUL = {fmt: mode for mode, fmt in MATMUL_FORMAT.items()}
 
 
 @dataclass
@@ -40,6 +53,18 @@ class ProbeSpec:
     saturated: int = 0
     cache: dict | None = None    # shared by the probes and the update of one step (see ops._z)
     skip_keys: set = field(default_factory=set)   # layers already perturbed in place (inplace probes)
+    backend: str = "auto"     # backend of the probe kernels (zokernels.quant.ops.quant_backend)
+    counters: dict = field(default_factory=dict)  # device -> int64 [1] saturation counter of the kernels
+
+    def counter(self, device: torch.device) -> torch.Tensor:
+        device = torch.device(device)
+        if device not in self.counters:
+            self.counters[device] = Q.new_counter(device)
+        return self.counters[device]
+
+    def saturated_total(self) -> int:
+        """Clamped elements of this probe so far (host sync on the kernels' counters)."""
+        return self.saturated + sum(int(c) for c in self.counters.values())
 
 
 class QuantLinear(torch.nn.Module):
@@ -51,8 +76,10 @@ class QuantLinear(torch.nn.Module):
         super().__init__()
         if matmul not in MATMULS:
             raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
-        if matmul == "w8a8" and qw.fmt != "int8":
-            raise ValueError(f"matmul='w8a8' needs fmt='int8', not {qw.fmt!r}")
+        if matmul in MATMUL_FORMAT and qw.fmt != MATMUL_FORMAT[matmul]:
+            raise ValueError(f"matmul={matmul!r} needs fmt={MATMUL_FORMAT[matmul]!r}, not {qw.fmt!r}")
+        if matmul_backend not in MM.FP8_BACKENDS:
+            raise ValueError(f"matmul_backend must be one of {MM.FP8_BACKENDS}, got {matmul_backend!r}")
         self.fmt = qw.fmt
         self.out_features, self.in_features = qw.shape
         self.group_size = qw.group_size
@@ -74,16 +101,36 @@ class QuantLinear(torch.nn.Module):
     def extra_repr(self) -> str:
         g = f", group_size={self.group_size}" if self.fmt == "int4" else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, fmt={self.fmt}{g}, "
-                f"matmul={self.matmul}, bias={self.bias is not None}")
+                f"matmul={self.matmul}, matmul_backend={self.matmul_backend}, bias={self.bias is not None}")
+
+    def resolved_matmul(self, device: torch.device) -> str:
+        """The forward path used for inputs on `device` ("auto" resolved; see the module docstring)."""
+        if self.matmul != "auto":
+            return self.matmul
+        return AUTO_MATMUL[self.fmt] if torch.device(device).type == "cuda" else "dequant"
+
+    def _activation_uniforms(self, x2: torch.Tensor) -> torch.Tensor | None:
+        """SR uniforms of the activations during a probe with act_sr (shared by both probes of a query)."""
+        spec = self.probe
+        if spec is None or not spec.act_sr:
+            return None
+        act_seed = spec.seed if spec.act_seed is None else spec.act_seed
+        return Q.activation_uniforms(x2.shape, act_seed, self.key, spec.query, x2.device)
 
     def nbytes(self) -> int:
         b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return self.qw.nbytes() + b
 
     def _probe_values(self) -> torch.Tensor | None:
+        """Grid values [N, K] of this layer's probe weights, or None outside a probe: int8 / float8_e4m3fn
+        from the backend kernel (quant.ops.probe_weights), or int32 / float32 when the step caches z (CPU)
+        or a test redraws Q1 (sr_seed)."""
         spec = self.probe
         if spec is None or self.key in spec.skip_keys:
             return None
+        if spec.cache is None and spec.sr_seed is None:
+            return Q.probe_weights(self.qw, spec.seed, self.key, spec.query, spec.eps, spec.sign, spec.dist,
+                                   saturated=spec.counter(self.qweight.device), backend=spec.backend)
         res = Q.probe_values(self.qw, spec.seed, self.key, spec.query, spec.eps, spec.sign, spec.dist,
                              spec.sr_seed, spec.cache)
         spec.saturated += res.saturated
@@ -93,21 +140,26 @@ class QuantLinear(torch.nn.Module):
         vals = self._probe_values()
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        if self.matmul == "w8a8":
+        out_dtype = x.dtype if x.is_floating_point() else self.out_dtype
+        mode = self.resolved_matmul(x.device)
+        if mode == "w8a8":
             wq = self.qweight if vals is None else vals.to(torch.int8)
-            spec = self.probe
-            v = None
-            if spec is not None and spec.act_sr:
-                act_seed = spec.seed if spec.act_seed is None else spec.act_seed
-                v = Q.activation_uniforms(x2.shape, act_seed, self.key, spec.query, x.device)
-            xq, xs = Q.quantize_activations(x2, v)
+            xq, xs = Q.quantize_activations(x2, self._activation_uniforms(x2))
             y = Q.w8a8_matmul(xq, xs, wq, self.scale.reshape(-1), self.bias, self.matmul_backend)
+        elif mode == "fp8":
+            wq = self.qweight if vals is None else vals.to(torch.float8_e4m3fn)   # e4m3 grid values: exact
+            xq, xs = MM.quantize_activations_fp8(x2, self._activation_uniforms(x2))
+            y = MM.fp8_matmul(xq, xs, wq, self.scale.reshape(-1), self.bias, self.matmul_backend, out_dtype=out_dtype)
+        elif mode == "w4a16":
+            packed = None if vals is None else MM.pack_values_int4(self.qw, vals)
+            y = MM.w4a16_matmul(x2 if x.is_floating_point() else x2.to(torch.float32), self.qw, self.bias,
+                                self.matmul_backend, packed=packed, out_dtype=out_dtype)
         else:
             w = F.dequantize(self.qw, vals)
             y = x2.to(torch.float32) @ w.t()
             if self.bias is not None:
                 y = y + self.bias.to(torch.float32)
-        return y.to(x.dtype if x.is_floating_point() else self.out_dtype).reshape(*lead, self.out_features)
+        return y.to(out_dtype).reshape(*lead, self.out_features)
 
 
 @dataclass
@@ -160,8 +212,13 @@ def quantize_model(model: torch.nn.Module, fmt: str = "int8", *, exclude=("lm_he
                    matmul_backend: str = "auto") -> QuantReport:
     """Replace every nn.Linear of `model` (in place) whose name is not in `exclude` (exact name or last
     segments, e.g. "lm_head") by a QuantLinear of format fmt ("int8" | "int4" | "fp8"). Quantization
-    rounds to nearest or stochastically (STREAM_QUANT_SR, `seed`, the weight's key). Returns a QuantReport."""
+    rounds to nearest or stochastically (STREAM_QUANT_SR, `seed`, the weight's key). Returns a QuantReport.
+    matmul: the layers' forward path, "dequant" | "auto" (CUDA: the format's quantized path, CPU: dequant)
+    | the format's own path ("w8a8" for int8, "w4a16" for int4, "fp8" for fp8); matmul_backend: see
+    zokernels.quant.matmul."""
     F.check_format(fmt)
+    if matmul in MATMUL_FORMAT and MATMUL_FORMAT[matmul] != fmt:
+        raise ValueError(f"matmul={matmul!r} needs fmt={MATMUL_FORMAT[matmul]!r}, not {fmt!r}")
     before_model = _model_bytes(model)
     targets = [(n, m) for n, m in model.named_modules()
                if type(m) is torch.nn.Linear and not _excluded(n, exclude)]
