@@ -50,6 +50,10 @@ class Config:
 
     run_e2e: bool = True
     zosgd_probes: tuple[str, ...] = ("inplace", "hooks", "swap")
+    # masked (MaZO) kernels, benchmarks/masked.py: projection matrices of this many LLaMA-7B layers
+    masked_ratios: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.5, 1.0])
+    masked_blocks: list[int] = field(default_factory=lambda: [16])
+    masked_layers: int = 1
 
     def seconds_left(self) -> float:
         return self.time_budget_s - (time.monotonic() - self.started)

@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds on a GPU)")
-    ap.add_argument("--only", choices=("micro", "e2e"), help="run one part only")
+    ap.add_argument("--only", choices=("micro", "e2e", "masked"), help="run one part only")
     ap.add_argument("--out", default=report.RESULTS_DIR, help="output directory (default benchmarks/results)")
     ap.add_argument("--scale", type=float, help="keep this fraction of decoder layers (micro + e2e)")
     ap.add_argument("--width-div", type=int, help="divide every width of the micro parameter lists")
@@ -57,6 +57,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--time-budget", type=float, help="seconds; later cases are skipped (recorded) past it")
     ap.add_argument("--e2e-reserve", type=float, help="seconds of the budget the micro part leaves to e2e")
     ap.add_argument("--threads", type=int, help="torch CPU threads for this run")
+    ap.add_argument("--masked-ratios", type=_csv(float), help="mask ratios of the masked kernels (0.01,0.1,0.5,1)")
+    ap.add_argument("--masked-blocks", type=_csv(int), help="block sizes (>= 16) of the block masks")
+    ap.add_argument("--masked-layers", type=int, help="LLaMA-7B layers whose matrices the masked part uses")
     return ap.parse_args(argv)
 
 
@@ -68,7 +71,8 @@ def build_config(args: argparse.Namespace):
                  "warmup": args.warmup, "repeats": args.repeats, "case_seconds": args.case_seconds,
                  "compile_dtypes": args.compile_dtypes, "reference_max_numel": args.reference_max_numel,
                  "time_budget_s": args.time_budget, "e2e_reserve_s": args.e2e_reserve,
-                 "zosgd_probes": args.zosgd_probes}
+                 "zosgd_probes": args.zosgd_probes, "masked_ratios": args.masked_ratios,
+                 "masked_blocks": args.masked_blocks, "masked_layers": args.masked_layers}
     if args.models is not None:
         overrides["models"] = [m for m in args.models if m != "none"]
     for key, value in overrides.items():
@@ -127,6 +131,10 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from benchmarks.micro import run_micro
         print(f"[benchmarks] micro on {meta['device_name']} ...", flush=True)
         run_micro(cfg, res)
+    if args.only in (None, "masked"):  # after micro: uses what the micro part left of its budget
+        from benchmarks.masked import run_masked
+        print(f"[benchmarks] masked (MaZO) kernels on {meta['device_name']} ...", flush=True)
+        run_masked(cfg, res)
     if args.only in (None, "e2e"):
         from benchmarks.e2e import run_e2e
         print(f"[benchmarks] end to end ({', '.join(cfg.e2e_models)}) ...", flush=True)

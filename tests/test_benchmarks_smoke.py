@@ -12,10 +12,11 @@ import pytest
 import torch
 
 from benchmarks import report, run
+from benchmarks import masked as M
 from benchmarks.baselines import ForeachZO, MeZO
 from benchmarks.ours import OursInPlace
 from benchmarks.shapes import big_tensor, llama7b, make_params, opt1_3b
-from zokernels import ops
+from zokernels import mazo, ops
 from zokernels.contract import param_key
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -104,7 +105,8 @@ def test_harness_cpu_quick(tmp_path):
     out = tmp_path / "results"
     rc = run.main(["--device", "cpu", "--quick", "--out", str(out), "--threads", "1", "--dtypes", "bf16",
                    "--models", "llama-7b", "--big-sizes", "", "--e2e-models", "llama-7b", "--warmup", "1",
-                   "--repeats", "1", "--e2e-seq", "8", "--zosgd-probes", "inplace,hooks"])
+                   "--repeats", "1", "--e2e-seq", "8", "--zosgd-probes", "inplace,hooks",
+                   "--masked-ratios", "0.01,0.5"])  # the default ratios 1%, 10%, 50%, 100%: see below
     assert rc == 0
     files = sorted(os.listdir(out))
     stems = {os.path.splitext(f)[0] for f in files}
@@ -137,8 +139,29 @@ def test_harness_cpu_quick(tmp_path):
             "whole ZO step speedup over MeZO"} <= names, names
     for t in data["targets"]:
         assert set(t) == {"target", "scope", "goal", "measured", "unit", "pass", "margin"}
+    masked = data["masked"]
+    cases = {(r["rule"], r["ratio"], r["kernel"]) for r in masked}
+    assert {("dense", 1.0, k) for k in (M.K_PERTURB, M.K_UPDATE, M.K_COPY_DENSE)} <= cases
+    for rule in ("rows", "blocks16"):
+        for ratio in (0.01, 0.5):
+            for k in (M.K_PERTURB, M.K_UPDATE, M.K_COPY_PERSISTENT, M.K_COPY_FRESH):
+                assert (rule, ratio, k) in cases, (rule, ratio, k)
+    for r in masked:
+        assert r["backend"] == "reference" and r["median_ms"] > 0
+        assert r["gbps"] == pytest.approx(r["bytes_touched"] / (r["median_ms"] * 1e-3) / 1e9)
+        dense = next(d for d in masked if d["rule"] == "dense" and d["kernel"] == M.DENSE_OF.get(r["kernel"],
+                                                                                                 r["kernel"]))
+        assert r["vs_dense"] == pytest.approx(r["median_ms"] / dense["median_ms"])
+        if r["rule"] != "dense":  # bytes touched follow the sector model of benchmarks/masked.py
+            sector_bytes = 2 * 32 * r["sectors"] + r["index_bytes"]
+            fresh = r["kernel"] == M.K_COPY_FRESH
+            assert r["bytes_touched"] == sector_bytes + (2 * r["param_bytes"] if fresh else 0)
+            assert r["bytes_moved"] == 2 * 2 * r["count"] + r["index_bytes"]  # bf16
+            assert r["mask_ratio"] <= r["sector_fraction"] <= 1.0
     md = open(stem + ".md").read()
     assert meta["device_name"] in md and "## Targets" in md and "## End to end" in md
+    assert "## Masked kernels (MaZO)" in md and M.K_COPY_PERSISTENT in md
+    assert run.build_config(run.parse_args(["--device", "cpu"])).masked_ratios == [0.01, 0.1, 0.5, 1.0]
     with open(stem + ".png", "rb") as f:
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
     table = report.readme_table(str(out), include_cpu=True)
@@ -147,6 +170,38 @@ def test_harness_cpu_quick(tmp_path):
     os.remove(stem + ".png")
     assert report.main([stem + ".json"]) == 0  # re-render from the JSON alone
     assert os.path.exists(stem + ".png") and "## Targets" in open(stem + ".md").read()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_masked_sector_count_matches_brute_force(dtype):
+    """The byte model's S: distinct 32-byte sectors holding a masked element, against unique(j // per)."""
+    es = torch.empty((), dtype=dtype).element_size()
+    gen = torch.Generator().manual_seed(5)
+    for shape in [(37, 203), (5, 1037), (1, 4099), (12, 48)]:
+        scores = torch.rand(shape, generator=gen)
+        for rule, block in [("row_topk", 1), ("block_topk", 16), ("block_topk", 24), ("bits", 1)]:
+            for ratio in (0.01, 0.1, 0.5, 1.0):
+                m = mazo.build_masks({"w": scores}, ratio, rule, block=max(block, 16))["w"]
+                brute = int(torch.unique(m.local_indices() // (32 // es)).numel())
+                assert M.sectors_touched(m, es, chunk=64) == brute, (shape, rule, block, ratio)
+    # a scattered 10% element mask of a wide bf16 matrix touches ~1 - 0.9^16 = 81% of the sectors
+    m = mazo.build_masks({"w": torch.rand(64, 4096, generator=gen)}, 0.1)["w"]
+    frac = M.sectors_touched(m, 2) / (64 * 4096 * 2 // 32)
+    assert frac == pytest.approx(M.expected_sector_fraction(0.1, 2), abs=0.01)
+
+
+def test_masked_harness_only_masked(tmp_path):
+    """`--only masked` measures its own copy line and times both rules on the reference backend."""
+    out = tmp_path / "masked"
+    rc = run.main(["--device", "cpu", "--quick", "--out", str(out), "--threads", "1", "--only", "masked",
+                   "--dtypes", "fp32", "--masked-ratios", "0.1", "--masked-blocks", "8,32", "--repeats", "1"])
+    assert rc == 0
+    (stem,) = {os.path.splitext(f)[0] for f in os.listdir(out)}
+    data = json.load(open(os.path.join(out, stem + ".json")))
+    assert data["errors"] == [] and data["copy_bandwidth"]["gbps"] > 0 and data["micro"] == []
+    assert {r["rule"] for r in data["masked"]} == {"dense", "rows", "blocks32"}
+    assert any("[8]" in s["what"] for s in data["skipped"])  # blocks < 16 are refused, with the reason
+    assert {r["dtype"] for r in data["masked"]} == {"fp32"}
 
 
 def _micro(kernel, backend, dtype, median_ms, pct, numel=6_738_415_616):
@@ -215,3 +270,5 @@ def test_harness_gpu_quick(tmp_path):
     assert ("mezo", "torch") in impls and ("foreach", "torch") in impls
     assert {b for i, b in impls if i == "ours"} & {"triton", "cuda"}, impls
     assert all(r["peak_bytes"] for r in data["memory"] if not r["oom"])
+    masked = {(r["backend"], r["rule"]) for r in data["masked"]}
+    assert ("triton", "rows") in masked and ("triton", "blocks16") in masked, masked
