@@ -149,6 +149,7 @@ def run_masked(cfg: Config, res: Results) -> None:
 
 def run_masked_set(cfg: Config, res: Results, shapes: ShapeSet, dtype: torch.dtype, backends: list[str],
                    copy_gbps: float) -> None:
+    res.data.setdefault("masked", [])
     dev, dname = cfg.device, next(k for k, v in DTYPES.items() if v == dtype)
     P = shapes.nbytes(dtype)
     params = make_params(shapes, dtype, dev, seed=7)
