@@ -47,7 +47,7 @@ ZO_HD bool aligned4(const void* ptr, int64_t base) {
 template <class T>
 ZO_HD void load_lanes(const void* ptr, int64_t base, const bool live[4], T v[4]) {
   const T* p = static_cast<const T*>(ptr);
-  if (live[0] && live[3] && aligned4<T>(ptr, base)) {
+  if (live[0] && live[1] && live[2] && live[3] && aligned4<T>(ptr, base)) {
     load4(p + base, v);
     return;
   }
@@ -58,7 +58,7 @@ ZO_UNROLL
 template <class T>
 ZO_HD void store_lanes(void* ptr, int64_t base, const bool live[4], const T v[4]) {
   T* p = static_cast<T*>(ptr);
-  if (live[0] && live[3] && aligned4<T>(ptr, base)) {
+  if (live[0] && live[1] && live[2] && live[3] && aligned4<T>(ptr, base)) {  // masked lanes: never stored
     store4(p + base, v);
     return;
   }
@@ -79,14 +79,23 @@ ZO_UNROLL
   for (int l = 0; l < 4; ++l) x[l] = DT == BF16 ? bf16_to_f32(h[l]) : f16_to_f32(h[l]);
 }
 
-// Process global Philox block `block` of tensor t: elements j = 4 block + lane with offset <= j < offset + numel.
-template <int OP, int DT, int DIST, bool STOCH>
-ZO_HD void process_block(const TensorDesc& t, const OpParams& p, uint64_t block) {
-  const int64_t base = (int64_t)(block * 4u - t.offset);  // local index of lane 0 (may be < 0)
-  bool live[4];
-ZO_UNROLL
-  for (int l = 0; l < 4; ++l) live[l] = base + l >= 0 && base + l < t.numel;
+// z of the lanes of Philox block r; SPARSE: a Gaussian pair whose lanes are both dead is not computed
+// (masked ops; the live lanes' values are those of the full computation).
+template <int DIST, bool SPARSE>
+ZO_HD void z_live_lanes(const U4& r, const bool live[4], float z[4]) {
+  if (!SPARSE || DIST != GAUSSIAN) {
+    z_lanes(r, DIST, z);
+    return;
+  }
+  z[0] = z[1] = z[2] = z[3] = 0.f;
+  if (live[0] || live[1]) box_muller(r.x, r.y, &z[0], &z[1]);
+  if (live[2] || live[3]) box_muller(r.z, r.w, &z[2], &z[3]);
+}
 
+// Lanes `live` of global Philox block `block` of tensor t (base: local index of lane 0, may be < 0): dense ops
+// pass the lanes inside the tensor, masked ops the masked lanes. Dead lanes are neither loaded nor stored.
+template <int OP, int DT, int DIST, bool STOCH, bool SPARSE = false>
+ZO_HD void process_lanes(const TensorDesc& t, const OpParams& p, uint64_t block, int64_t base, const bool live[4]) {
   if (OP == FILL_Z || OP == FILL_U) {
     float val[4];
     U4 r = contract_block(p.seed, t.key, p.query, p.stream, block);
@@ -103,19 +112,19 @@ ZO_UNROLL
 
   if (OP == PERTURB) {
     float z[4];
-    z_lanes(contract_block(p.seed, t.key, p.query, STREAM_Z, block), DIST, z);
+    z_live_lanes<DIST, SPARSE>(contract_block(p.seed, t.key, p.query, STREAM_Z, block), live, z);
 ZO_UNROLL
     for (int l = 0; l < 4; ++l) x[l] = perturbed(x[l], z[l], p.scale);
   } else if (OP == UPDATE) {
     float z[4], acc[4] = {0.f, 0.f, 0.f, 0.f};
     if (p.restore) {
-      z_lanes(contract_block(p.seed, t.key, p.restore_query, STREAM_Z, block), DIST, z);
+      z_live_lanes<DIST, SPARSE>(contract_block(p.seed, t.key, p.restore_query, STREAM_Z, block), live, z);
 ZO_UNROLL
       for (int l = 0; l < 4; ++l) x[l] = perturbed(x[l], z[l], p.restore_scale);
     }
     for (int q = 0; q < p.n_coeffs; ++q) {
       const float c = p.coeffs[q];
-      z_lanes(contract_block(p.seed, t.key, (uint32_t)q, STREAM_Z, block), DIST, z);
+      z_live_lanes<DIST, SPARSE>(contract_block(p.seed, t.key, (uint32_t)q, STREAM_Z, block), live, z);
 ZO_UNROLL
       for (int l = 0; l < 4; ++l) acc[l] = q ? f_add(acc[l], f_mul(z[l], c)) : f_mul(z[l], c);
     }
@@ -142,6 +151,16 @@ ZO_UNROLL
     for (int l = 0; l < 4; ++l) h[l] = round_nearest<DT>(x[l]);
   }
   store_lanes<uint16_t>(t.dst, base, live, h);
+}
+
+// Process global Philox block `block` of tensor t: elements j = 4 block + lane with offset <= j < offset + numel.
+template <int OP, int DT, int DIST, bool STOCH>
+ZO_HD void process_block(const TensorDesc& t, const OpParams& p, uint64_t block) {
+  const int64_t base = (int64_t)(block * 4u - t.offset);  // local index of lane 0 (may be < 0)
+  bool live[4];
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) live[l] = base + l >= 0 && base + l < t.numel;
+  process_lanes<OP, DT, DIST, STOCH>(t, p, block, base, live);
 }
 
 // Number of Philox blocks covering elements [offset, offset + numel), numel > 0.

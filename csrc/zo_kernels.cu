@@ -27,6 +27,17 @@ __global__ void __launch_bounds__(THREADS) zo_kernel(const int64_t* __restrict__
     process_block<OP, DT, DIST, STOCH>(w.t, p, w.block0 + (uint64_t)b);
 }
 
+// Masked ops: the chunk's tensor has one mask format; its threads walk work items [first, last).
+template <int OP, int DT, int DIST, bool STOCH>
+__global__ void __launch_bounds__(THREADS) zo_masked_kernel(const int64_t* __restrict__ table, int n_tensors,
+                                                            OpParams p) {
+  const MaskWork w = mask_chunk_work(table, n_tensors, blockIdx.x, MASK_CHUNK_ITEMS);
+  with_format(w.m.format, [&](auto fmt) {
+    for (int64_t i = w.first + threadIdx.x; i < w.last; i += THREADS)
+      process_mask_item<OP, DT, DIST, STOCH, decltype(fmt)::value>(w.m, p, i);
+  });
+}
+
 class DeviceGuard {  // this runtime's current device is per thread: set it, and put it back
  public:
   explicit DeviceGuard(int device) {
@@ -80,9 +91,20 @@ const char* launch(const LaunchArgs& a) {
   const OpParams p = op_params(a);
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(a.cuda_stream);
   const dim3 grid((unsigned)a.n_chunks);
+  if (a.masked && a.op != PERTURB && a.op != UPDATE) {
+    std::snprintf(g_error, sizeof(g_error), "no masked kernel for op %d", a.op);
+    return g_error;
+  }
   const bool known = dispatch(a.op, a.dtype, a.dist, a.stochastic != 0, [&](auto op, auto dt, auto dist, auto st) {
-    zo_kernel<decltype(op)::value, decltype(dt)::value, decltype(dist)::value, decltype(st)::value>
-        <<<grid, THREADS, 0, stream>>>(a.table, a.n_tensors, p);
+    constexpr int OP = decltype(op)::value, DT = decltype(dt)::value, DIST = decltype(dist)::value;
+    constexpr bool ST = decltype(st)::value;
+    if constexpr (OP == PERTURB || OP == UPDATE) {
+      if (a.masked) {
+        zo_masked_kernel<OP, DT, DIST, ST><<<grid, THREADS, 0, stream>>>(a.table, a.n_tensors, p);
+        return;
+      }
+    }
+    zo_kernel<OP, DT, DIST, ST><<<grid, THREADS, 0, stream>>>(a.table, a.n_tensors, p);
   });
   if (!known) {
     std::snprintf(g_error, sizeof(g_error), "no kernel for op %d, dtype %d, dist %d, stochastic %d", a.op,

@@ -6,11 +6,13 @@
 #include <stdint.h>
 
 #include "zo_block.cuh"
+#include "zo_masked.cuh"
 
 namespace zo {
 
 constexpr int THREADS = 256;        // threads per CUDA block
 constexpr int CHUNK_BLOCKS = 2048;  // Philox blocks (8192 elements) per CUDA block
+constexpr int MASK_CHUNK_ITEMS = 2048;  // masked ops: work items per CUDA block (zo_masked.cuh)
 
 // Number of CUDA devices visible to this extension's runtime (0 with no driver/GPU); *err set on failure.
 int device_count(const char** err);
@@ -20,7 +22,8 @@ const char* probe_device(int device);
 
 struct LaunchArgs {
   int op, dtype, dist, stochastic;
-  const int64_t* table;  // device pointer: int64 [n_tensors, TABLE_COLS]
+  int masked;            // 1: masked op, table rows of MASK_COLS (zo_masked.cuh), n_chunks over work items
+  const int64_t* table;  // device pointer: int64 [n_tensors, TABLE_COLS or MASK_COLS]
   int n_tensors;
   int64_t n_chunks;      // CUDA blocks: sum over tensors of ceil(philox_blocks / CHUNK_BLOCKS)
   uint64_t seed;

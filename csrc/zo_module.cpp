@@ -152,16 +152,56 @@ zo::LaunchArgs launch_args(int op, int dtype, int dist, bool stochastic, uintptr
   return a;
 }
 
-void launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
-            uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream, uintptr_t coeffs,
-            int n_coeffs, bool restore, float restore_scale, uint32_t restore_query, int device,
-            uintptr_t cuda_stream) {
+void launch_impl(bool masked, int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors,
+                 int64_t n_chunks, uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream,
+                 uintptr_t coeffs, int n_coeffs, bool restore, float restore_scale, uint32_t restore_query,
+                 int device, uintptr_t cuda_stream) {
   zo::LaunchArgs a = launch_args(op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale, query,
                                  stream, sr_stream, coeffs, n_coeffs, restore, restore_scale, restore_query);
+  a.masked = masked ? 1 : 0;
   a.device = device;
   a.cuda_stream = cuda_stream;
   const char* err = zo::launch(a);
   if (err) throw std::runtime_error(std::string("zokernels CUDA backend: ") + err);
+}
+
+void launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
+            uint64_t seed, float scale, uint32_t query, uint32_t stream, uint32_t sr_stream, uintptr_t coeffs,
+            int n_coeffs, bool restore, float restore_scale, uint32_t restore_query, int device,
+            uintptr_t cuda_stream) {
+  launch_impl(false, op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale, query, stream, sr_stream,
+              coeffs, n_coeffs, restore, restore_scale, restore_query, device, cuda_stream);
+}
+
+void launch_masked(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
+                   uint64_t seed, float scale, uint32_t query, uint32_t sr_stream, uintptr_t coeffs, int n_coeffs,
+                   bool restore, float restore_scale, uint32_t restore_query, int device, uintptr_t cuda_stream) {
+  launch_impl(true, op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale, query, 0, sr_stream,
+              coeffs, n_coeffs, restore, restore_scale, restore_query, device, cuda_stream);
+}
+
+// launch_masked()'s grid on the CPU over a host-memory table: same chunk -> (tensor, work items) mapping.
+void host_masked_launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors,
+                        int64_t n_chunks, uint64_t seed, float scale, uint32_t query, uint32_t sr_stream,
+                        uintptr_t coeffs, int n_coeffs, bool restore, float restore_scale, uint32_t restore_query) {
+  if (op != zo::PERTURB && op != zo::UPDATE) throw py::value_error("masked ops are perturb and zo_update");
+  const zo::LaunchArgs a = launch_args(op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale,
+                                       query, 0, sr_stream, coeffs, n_coeffs, restore, restore_scale, restore_query);
+  const zo::OpParams p = zo::op_params(a);
+  bool formats_ok = true;
+  const bool known = zo::dispatch(op, dtype, dist, stochastic, [&](auto op_c, auto dt_c, auto dist_c, auto st_c) {
+    for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+      const zo::MaskWork w = zo::mask_chunk_work(a.table, n_tensors, chunk, zo::MASK_CHUNK_ITEMS);
+      formats_ok = formats_ok && zo::with_format(w.m.format, [&](auto fmt) {
+        for (int thread = 0; thread < zo::THREADS; ++thread)
+          for (int64_t i = w.first + thread; i < w.last; i += zo::THREADS)
+            zo::process_mask_item<decltype(op_c)::value, decltype(dt_c)::value, decltype(dist_c)::value,
+                                  decltype(st_c)::value, decltype(fmt)::value>(w.m, p, i);
+      });
+    }
+  });
+  if (!known) throw py::value_error("unsupported op/dtype/dist combination");
+  if (!formats_ok) throw py::value_error("unknown mask format in the table");
 }
 
 // The kernel's grid on the CPU: same table (host memory), same chunk -> (tensor, Philox blocks) mapping,
@@ -211,6 +251,20 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("key"), py::arg("offset"), py::arg("coeffs"), py::arg("lr"), py::arg("wd"), py::arg("dist"),
         py::arg("stochastic"), py::arg("sr_stream"), py::arg("restore_scale") = py::none(),
         py::arg("restore_query") = 0);
+  m.attr("MASK_COLS") = (int)zo::MASK_COLS;
+  m.attr("MASK_CHUNK_ITEMS") = zo::MASK_CHUNK_ITEMS;
+  m.attr("MASK_FORMATS") = py::dict(py::arg("rows") = (int)zo::MASK_ROWS, py::arg("blocks") = (int)zo::MASK_BLOCKS,
+                                    py::arg("bits") = (int)zo::MASK_BITS);
+  m.def("launch_masked", &launch_masked, py::arg("op"), py::arg("dtype"), py::arg("dist"), py::arg("stochastic"),
+        py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("seed"), py::arg("scale"),
+        py::arg("query"), py::arg("sr_stream"), py::arg("coeffs"), py::arg("n_coeffs"), py::arg("restore"),
+        py::arg("restore_scale"), py::arg("restore_query"), py::arg("device"), py::arg("cuda_stream"),
+        "masked perturb / zo_update over a MASK_COLS table (zo_masked.cuh), asynchronous on cuda_stream");
+  m.def("host_masked_launch", &host_masked_launch, py::arg("op"), py::arg("dtype"), py::arg("dist"),
+        py::arg("stochastic"), py::arg("table"), py::arg("n_tensors"), py::arg("n_chunks"), py::arg("seed"),
+        py::arg("scale"), py::arg("query"), py::arg("sr_stream"), py::arg("coeffs"), py::arg("n_coeffs"),
+        py::arg("restore"), py::arg("restore_scale"), py::arg("restore_query"),
+        "launch_masked()'s grid run on the CPU over a host-memory table");
   m.def("device_count", &device_count, "CUDA devices visible (0 without driver or GPU)");
   m.def("probe", &probe, py::arg("device"), "'' if the kernels can run on the device, else the CUDA error");
   m.def("launch", &launch, py::arg("op"), py::arg("dtype"), py::arg("dist"), py::arg("stochastic"),

@@ -6,6 +6,7 @@ parameter set (its content is a pure function of the cache key, so a hit is alwa
 Importing this module never fails; unavailable_reason says what is missing. Called directly with CPU
 tensors, the functions below run the kernels' grid on the host (zokernels._cuda.host_launch), which is how
 the multi-tensor path is tested without a GPU; zokernels.ops never routes CPU tensors here.
+Masked ops (MaZO): masked.py, one launch per group over a table of MASK_COLS rows.
 """
 from __future__ import annotations
 
@@ -174,3 +175,6 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
     _launch("zo_update_", _ext.OPS["zo_update"] if _ext else 0, group.dtype, spec.dist,
             spec.rounding == "stochastic", group.device, rows, seed=spec.seed, sr_stream=spec.sr_stream,
             coeffs=coeffs, restore_scale=spec.restore_scale, restore_query=spec.restore_query)
+
+
+from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)

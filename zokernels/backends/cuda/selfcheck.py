@@ -27,11 +27,32 @@ def main() -> None:
                                **kw)
         if dtype != torch.float32:
             ops.stochastic_round(torch.randn(4099, device="cuda"), dtype, 1, 2, 0, (1 << 32) + 1, backend="cuda")
+    _masked(offsets, keys)
     for dist in ("gaussian", "rademacher"):
         ops.perturbation((4099,), 1, 2, 0, dist, 3, device="cuda", backend="cuda")
     ops.uniform((4099,), 1, 2, 0, 3, device="cuda", backend="cuda")
     torch.cuda.synchronize()
     print("zokernels CUDA selfcheck: all ops ran")
+
+
+def _masked(offsets, keys) -> None:
+    """Every mask format (rows int16/int32, blocks aligned/unaligned, bits) in one masked launch."""
+    from ...mazo import masks as M
+
+    g = torch.Generator().manual_seed(0)
+    shapes = [(61, 1317), (3, 40001), (9, 333), (12, 512), (2053,)]
+    scores = [torch.rand(s, generator=g) for s in shapes]
+    masks = [M.row_topk(scores[0], 0.1), M.row_topk(scores[1], 0.05), M.block_topk(scores[2], 0.3, 16),
+             M.block_topk(scores[3], 0.25, 32), M.bits_topk(scores[4], 0.3)]
+    masks = [m.to("cuda") for m in masks]
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        params = [torch.randn(s, device="cuda").to(dtype) for s in shapes]
+        for rounding in ("nearest", "stochastic"):
+            kw = dict(offsets=offsets, rounding=rounding, backend="cuda")
+            ops.masked_perturb_(params, masks, 1, 1e-3, keys, query=2, **kw)
+            ops.masked_perturbed_copy(params, masks, 1, -1e-3, keys, query=2, outs=[p.clone() for p in params], **kw)
+            ops.masked_zo_update_(params, masks, 1, keys, (0.5, -0.5), 1e-3, 0.01, restore_scale=-1e-3,
+                                  restore_query=2, dist="rademacher", **kw)
 
 
 if __name__ == "__main__":
