@@ -81,12 +81,19 @@ class QuZO(torch.optim.Optimizer):
 
     act_sr (matmul="w8a8" layers): activations are rounded stochastically during probes, both probes
     of a query drawing the same uniforms (common random numbers, STREAM_ACT_SR with the query).
+
+    backend: the kernels of the probe weights and the update (zokernels.quant.ops.quant_backend; "auto":
+    reference on CPU, cuda / triton on GPU; "triton" on CPU runs the interpreter, for tests). On CPU with
+    the reference backend the step caches each layer's z and Q1 offsets instead (cache_directions), which
+    is faster there; results are bitwise the same with Rademacher z (Gaussian z may differ by float32 ulps
+    between backends, see docs/perturbation.md).
     """
 
     def __init__(self, model: torch.nn.Module, lr: float, eps: float = 1e-3, *, fmt: str | None = None,
                  n_queries: int = 1, seed: int | None = None, update: str = "single", act_sr: bool = False,
                  probe: str = "fused", dist: str = "gaussian", nonfinite: str = "skip",
-                 cache_directions: bool | None = None, quantize_kwargs: dict | None = None):
+                 cache_directions: bool | None = None, quantize_kwargs: dict | None = None,
+                 backend: str = "auto"):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("QuZO takes the model (an nn.Module holding QuantLinear layers, or one to quantize "
                             "with fmt=...)")
@@ -143,8 +150,13 @@ class QuZO(torch.optim.Optimizer):
         # Keep each layer's z and Q1 offsets for the step (the - probe and the update reuse them): 3
         # Philox passes per layer and query instead of 7. Costs 8 bytes per weight element (z float32 +
         # offsets int32) while the step runs, so by default only where Philox is the slow reference (CPU).
+        self.backend = backend
+        devices = {m.qweight.device for m in self._layers}
+        for dev in devices:
+            QO.quant_backend(dev, backend)   # fail here, not mid-step, if the backend cannot run
         if cache_directions is None:
-            cache_directions = all(m.qweight.device.type == "cpu" for m in self._layers)
+            cache_directions = all(d.type == "cpu" and QO.quant_backend(d, backend).NAME == "reference"
+                                   for d in devices)
         self.cache_directions = bool(cache_directions)
         self.log = QuZOLog(asdict(self.config), self.base_seed, list(self._names))
 
@@ -193,10 +205,11 @@ class QuZO(torch.optim.Optimizer):
         if cache is None and self.cache_directions:
             cache = {}
         for sign, aseed in ((+1, act_seed), (-1, act_seed if act_seed_minus is None else act_seed_minus)):
-            spec = ProbeSpec(seed, query, sign, cfg.eps, cfg.dist, cfg.act_sr, sr_seed, aseed, cache=cache)
+            spec = ProbeSpec(seed, query, sign, cfg.eps, cfg.dist, cfg.act_sr, sr_seed, aseed, cache=cache,
+                             backend=self.backend)
             with self.probing(spec):
                 losses.append(scalar_loss(closure()))
-            sat += spec.saturated
+            sat += spec.saturated_total()
         return losses[0], losses[1], sat
 
     # ------------------------------------------------------------------ step
@@ -225,7 +238,7 @@ class QuZO(torch.optim.Optimizer):
                 warnings.warn(msg, RuntimeWarning, stacklevel=2)
                 return torch.tensor(loss, dtype=torch.float32)
             record = QuZORecord(seed, grads, lrs, False, sat)
-            record.update_saturated = apply_record(self._layers, record, cfg, cache)
+            record.update_saturated = apply_record(self._layers, record, cfg, cache, self.backend)
         self._commit(record)
         return torch.tensor(loss, dtype=torch.float32)
 
@@ -257,20 +270,32 @@ class QuZO(torch.optim.Optimizer):
 
 
 def apply_record(layers: list[QuantLinear], record: QuZORecord, config: QuZOConfig,
-                 cache: dict | None = None) -> int:
-    """The weight change of one logged step (no forward): what QuZO.step and replay_quzo both run."""
+                 cache: dict | None = None, backend: str = "auto") -> int:
+    """The weight change of one logged step (no forward): what QuZO.step and replay_quzo both run.
+    Returns the number of saturated elements. Without a step cache: one update kernel per layer, the
+    saturation counters read once at the end (one host sync per device)."""
     if record.skipped:
         return 0
     coeffs = tuple(g / config.n_queries for g in record.grads)
     lr = record.lr[0]
     if lr == 0.0:
         return 0
-    return sum(QO.apply_update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update, config.dist,
-                                cache) for m in layers)
+    if cache is not None:
+        return sum(QO.apply_update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update,
+                                    config.dist, cache) for m in layers)
+    counters: dict = {}
+    for m in layers:
+        dev = m.qweight.device
+        if dev not in counters:
+            counters[dev] = QO.new_counter(dev)
+        QO.update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update, config.dist,
+                   saturated=counters[dev], backend=backend)
+    return sum(int(c) for c in counters.values())
 
 
-def replay_quzo(model: torch.nn.Module, log: QuZOLog) -> None:
-    """Re-apply a QuZO log to the base quantized model (same quantization), bitwise, without forwards."""
+def replay_quzo(model: torch.nn.Module, log: QuZOLog, backend: str = "auto") -> None:
+    """Re-apply a QuZO log to the base quantized model (same quantization), bitwise, without forwards
+    (with Gaussian z, bitwise on the backend that trained; another backend may differ by float32 ulps of z)."""
     layers = dict(quant_layers(model))
     missing = [n for n in log.names if n not in layers]
     if missing:
@@ -281,4 +306,4 @@ def replay_quzo(model: torch.nn.Module, log: QuZOLog) -> None:
     config = QuZOConfig(**log.config)
     with torch.no_grad():
         for record in log.steps:
-            apply_record(mods, record, config)
+            apply_record(mods, record, config, backend=backend)

@@ -1,0 +1,119 @@
+"""QuZO quantized-weight ops of the Triton backend: host side (kernels: quant_kernels.py, imported lazily).
+
+Interface and contract: zokernels/quant/ops.py (module docstring); element math: the reference backend's
+quant.py, reproduced bitwise. One launch per weight and op; saturation counts are atomically added to
+the caller's int64 [1] tensor (no host sync).
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from ... import contract as C
+from . import _KIND, _c1_high, _i32, _launch, _pointer, _seed_words
+
+FMT = {"int8": 0, "int4": 1, "fp8": 2}
+QMAX = {"int8": 127, "int4": 7, "fp8": 448.0}
+OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.float8_e4m3fn: 4}
+# Philox rows per program (tile of 4 * BLOCKS elements; int4 writes: 4 * BLOCKS bytes). GPU: a starting
+# point, pending measurement (no GPU when this was written); smaller than the dense kernels' 512 because
+# the update keeps several Philox states live per element. Interpreter: big tiles are faster.
+BLOCKS_GPU = 256
+BLOCKS_INTERPRETER = 1024
+
+_qk = None
+
+
+def _kernels():
+    global _qk
+    if _qk is None:
+        from . import _k
+        _k()  # raises with the reason if triton or the dense kernels are unusable
+        from . import quant_kernels
+        _qk = quant_kernels
+    return _qk
+
+
+def _blocks(device: torch.device, numel: int) -> int:
+    """Philox rows per program; the interpreter's cost grows with the tile, so small weights get small tiles
+    there (on the GPU one fixed tile: each BLOCKS value is another compiled kernel)."""
+    if device.type != "cpu":
+        return BLOCKS_GPU
+    return min(BLOCKS_INTERPRETER, 1 << max(0, (-(-numel // 4) - 1).bit_length()))
+
+
+def _key_words(key: int) -> tuple[int, int]:
+    return _i32(key & C.MASK32), _i32(key >> 32)
+
+
+def _storage(t: torch.Tensor) -> torch.Tensor:
+    """fp8 as uint8 bit patterns, bfloat16 as int16 (exact loads/stores in the interpreter too)."""
+    return t.view(torch.uint8) if t.dtype == torch.float8_e4m3fn else _pointer(t)
+
+
+def _geometry(q: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int) -> tuple[int, int, int]:
+    """(bytes per storage row (int4) or 0, scale columns, GROUP constexpr)."""
+    kb = q.shape[1] if fmt == "int4" else 0
+    return kb, scale.shape[1], (group_size if fmt == "int4" else 1)
+
+
+def _tile_programs(numel: int, blocks: int) -> int:
+    rows = -(-numel // 4)
+    return -(-rows // blocks)
+
+
+def _f32(x: float) -> float:
+    return float(torch.tensor(float(x), dtype=torch.float32))
+
+
+def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int, rounding: str, seed: int,
+                   key: int, out: torch.Tensor) -> None:
+    """out <- storage of R(w / s) (nearest or SR with STREAM_QUANT_SR, query 0); int4 padding nibbles 0."""
+    qk = _kernels()
+    n, k = w.shape
+    kb, scols, group = _geometry(out, scale, fmt, group_size)
+    blocks = _blocks(w.device, n * k)
+    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" else _tile_programs(n * k, blocks)
+    if programs == 0:
+        return
+    _launch(qk.quantize_kernel, (programs,), w.device, _pointer(w), scale, _storage(out), n, k, kb, scols,
+            *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_QUANT_SR),
+            QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, KIND=_KIND[w.dtype], STOCHASTIC=rounding == "stochastic",
+            BLOCKS=blocks)
+
+
+def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
+                seed: int, key: int, query: int, eps: float, sign: int, dist: str, out: torch.Tensor,
+                saturated: torch.Tensor) -> None:
+    """out <- probe weights of (query, sign) (grid values or dequantized); saturated += clamped elements."""
+    qk = _kernels()
+    n, k = shape
+    kb, scols, group = _geometry(q, scale, fmt, group_size)
+    blocks = _blocks(q.device, n * k)
+    programs = _tile_programs(n * k, blocks)
+    if programs == 0:
+        return
+    _launch(qk.probe_kernel, (programs,), q.device, _storage(q), scale, _storage(out), saturated, n, k, kb, scols,
+            *_seed_words(seed), *_key_words(key), _c1_high(query, C.STREAM_Z),
+            _c1_high(query, C.STREAM_QUZO_PROBE), _f32(eps), int(sign),
+            QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, OUT=OUT_KIND[out.dtype], GAUSSIAN=dist == "gaussian",
+            BLOCKS=blocks)
+
+
+def quant_update_(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
+                  seed: int, key: int, coeffs: Sequence[float], lr: float, eps: float, form: str, dist: str,
+                  saturated: torch.Tensor) -> None:
+    """q <- Q(q - x) in place (x of form single | paper, queries looped inside); saturated += clamped."""
+    qk = _kernels()
+    n, k = shape
+    kb, scols, group = _geometry(q, scale, fmt, group_size)
+    blocks = _blocks(q.device, n * k)
+    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" else _tile_programs(n * k, blocks)
+    if programs == 0:
+        return
+    c = torch.tensor(list(coeffs) or [0.0], dtype=torch.float32).to(q.device)
+    _launch(qk.update_kernel, (programs,), q.device, _storage(q), scale, c, saturated, len(coeffs), n, k, kb, scols,
+            *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_UPDATE_SR), _f32(lr), _f32(eps),
+            QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, PAPER=form == "paper", GAUSSIAN=dist == "gaussian",
+            BLOCKS=blocks)
