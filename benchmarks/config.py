@@ -54,6 +54,14 @@ class Config:
     masked_ratios: list[float] = field(default_factory=lambda: [0.01, 0.1, 0.5, 1.0])
     masked_blocks: list[int] = field(default_factory=lambda: [16])
     masked_layers: int = 1
+    # quantized matmuls + QuZO memory, benchmarks/quant.py: tokens of the matmuls (16 x 256), the memory
+    # model's decoder layers (None: 32, 4 with --quick), batch x seq, LoRA rank of the first-order baseline
+    quant_tokens: int = 16 * 256
+    quant_layers: int | None = None
+    quant_batch: int | None = None
+    quant_seq: int | None = None
+    quant_lora_rank: int = 16
+    quant_formats: list[str] = field(default_factory=lambda: ["int8", "int4", "fp8"])
 
     def seconds_left(self) -> float:
         return self.time_budget_s - (time.monotonic() - self.started)

@@ -180,6 +180,9 @@ def to_markdown(data: dict) -> str:
                         for r in data["memory"]]), ""]
     if data.get("masked"):
         out += masked_markdown(data["masked"])
+    if data.get("quant"):
+        from .quant import quant_markdown
+        out += quant_markdown(data["quant"], _table)
     formulas = sorted({(r["impl"], r["kernel"], r["bytes_formula"]) for r in data.get("micro", [])})
     if formulas:
         out += ["## Bytes counted per call", "", _table(["impl", "kernel", "formula"], [list(f) for f in formulas]), ""]

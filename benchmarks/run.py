@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds on a GPU)")
-    ap.add_argument("--only", choices=("micro", "e2e", "masked"), help="run one part only")
+    ap.add_argument("--only", choices=("micro", "e2e", "masked", "quant"), help="run one part only")
     ap.add_argument("--out", default=report.RESULTS_DIR, help="output directory (default benchmarks/results)")
     ap.add_argument("--scale", type=float, help="keep this fraction of decoder layers (micro + e2e)")
     ap.add_argument("--width-div", type=int, help="divide every width of the micro parameter lists")
@@ -60,6 +60,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--masked-ratios", type=_csv(float), help="mask ratios of the masked kernels (0.01,0.1,0.5,1)")
     ap.add_argument("--masked-blocks", type=_csv(int), help="block sizes (>= 16) of the block masks")
     ap.add_argument("--masked-layers", type=int, help="LLaMA-7B layers whose matrices the masked part uses")
+    ap.add_argument("--quant-layers", type=int, help="decoder layers of the QuZO memory model (default 32, quick 4)")
+    ap.add_argument("--quant-formats", type=_csv(str), help="QuZO memory formats: int8,int4,fp8")
     return ap.parse_args(argv)
 
 
@@ -72,7 +74,8 @@ def build_config(args: argparse.Namespace):
                  "compile_dtypes": args.compile_dtypes, "reference_max_numel": args.reference_max_numel,
                  "time_budget_s": args.time_budget, "e2e_reserve_s": args.e2e_reserve,
                  "zosgd_probes": args.zosgd_probes, "masked_ratios": args.masked_ratios,
-                 "masked_blocks": args.masked_blocks, "masked_layers": args.masked_layers}
+                 "masked_blocks": args.masked_blocks, "masked_layers": args.masked_layers,
+                 "quant_layers": args.quant_layers, "quant_formats": args.quant_formats}
     if args.models is not None:
         overrides["models"] = [m for m in args.models if m != "none"]
     for key, value in overrides.items():
@@ -139,6 +142,12 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         from benchmarks.e2e import run_e2e
         print(f"[benchmarks] end to end ({', '.join(cfg.e2e_models)}) ...", flush=True)
         run_e2e(cfg, res)
+    if args.only == "quant" or (args.only is None and cfg.device.type == "cuda"):  # last: gets what is left
+        from benchmarks.quant import run_quant
+        print(f"[benchmarks] quantized matmuls and QuZO memory on {meta['device_name']} ...", flush=True)
+        run_quant(cfg, res)
+    elif args.only is None:
+        res.skip("quant (quantized matmuls, QuZO memory)", "GPU part: on CPU only with --only quant (a smoke run)")
     res.data["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     res.data["targets"] = report.evaluate_targets(res.data)
     paths = report.write_outputs(res.data, stem)
