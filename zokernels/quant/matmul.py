@@ -122,7 +122,7 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scal
             raise RuntimeError(f"fp8 matmul backend 'torch': torch._scaled_mm does not run e4m3 on {xq.device} "
                                f"with torch {torch.__version__} (CUDA needs compute capability >= 8.9)")
         acc = _torch_scaled_mm(xq, wq)
-    else:  # e4m3 products have <= 8 significant bits within 2^-18..2^18: float64 sums are exact
+    else:  # e4m3 products have <= 8 significant bits within 2^-18..2^18: float64 sums are exact for K < 2^17
         acc = xq.to(torch.float64) @ wq.to(torch.float64).t()
     return _epilogue(acc, x_scale, w_scale, bias).to(out_dtype)
 
