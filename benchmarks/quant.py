@@ -335,27 +335,33 @@ def memory_cases(cfg: Config, res: Results, model: torch.nn.Module, ids: torch.T
 
     measure("inference forward", forward)
     if fmt is None:
-        opt = zokernels.ZOSGD(model, lr=cfg.lr, eps=cfg.eps, n_queries=1, probe="inplace", backend="auto")
-        with torch.no_grad():
-            measure("ZO step (ZOSGD, bf16)", lambda: opt.step(closure))
-        del opt
+        _zo_step(measure, zokernels.ZOSGD(model, lr=cfg.lr, eps=cfg.eps, n_queries=1, probe="inplace",
+                                          backend="auto"), closure, "ZO step (ZOSGD, bf16)")
         return
-    opt = zokernels.QuZO(model, lr=cfg.lr, eps=cfg.eps, n_queries=1, seed=0, probe="fused")
-    with torch.no_grad():
-        measure(f"QuZO step ({fmt})", lambda: opt.step(closure))
-    del opt
+    _zo_step(measure, zokernels.QuZO(model, lr=cfg.lr, eps=cfg.eps, n_queries=1, seed=0, probe="fused"), closure,
+             f"QuZO step ({fmt})")
     _free(dev)
-    adapters = add_lora(model, cfg.quant_lora_rank, torch.bfloat16)
+    _first_order_step(measure, model, closure, cfg.quant_lora_rank, fmt)
+
+
+def _zo_step(measure, opt, closure, what: str) -> None:
+    """Time one optimizer's step; the optimizer is dropped on return."""
+    with torch.no_grad():
+        measure(what, lambda: opt.step(closure))
+
+
+def _first_order_step(measure, model: torch.nn.Module, closure, rank: int, fmt: str) -> None:
+    """LoRA adapters on every quantized linear + AdamW: backward through the frozen quantized base."""
+    adapters = add_lora(model, rank, torch.bfloat16)
     adam = torch.optim.AdamW(adapters, lr=1e-4)
 
-    def first_order() -> None:
+    def step() -> None:
         adam.zero_grad(set_to_none=True)
         closure().backward()
         adam.step()
 
-    measure(f"QLoRA-style first-order step ({fmt} base, LoRA r={cfg.quant_lora_rank}, AdamW)", first_order)
+    measure(f"QLoRA-style first-order step ({fmt} base, LoRA r={rank}, AdamW)", step)
     adam.zero_grad(set_to_none=True)
-    del adam, adapters
 
 
 def _ratios(res: Results) -> None:
