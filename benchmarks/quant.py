@@ -189,7 +189,7 @@ def _scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, qw, bias: torch.Tenso
 
 def _tuned_configs(res: Results, shape: str) -> None:
     """The autotuner's choice per Triton kernel (what to pin once measured)."""
-    for (kernel, group), tuner in T._tuned.items():
+    for (kernel, group, _), tuner in T._tuned.items():
         best = getattr(tuner, "best_config", None)
         if best is not None:
             res.add("quant", {"kind": "autotune", "shape": shape, "kernel": kernel, "group": group,

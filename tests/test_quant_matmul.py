@@ -128,6 +128,26 @@ def test_w4a16_triton_tiles_and_groups(group, tiles):
         T.w4a16(x, qw.q, qw.scale, group, None, tiles=(16, 16, 2 * group))
 
 
+@pytest.mark.skipif(NEEDS_TRITON is not None, reason=str(NEEDS_TRITON))
+def test_autotuned_launch_wiring():
+    """The GPU launch path (triton.autotune wrapper, grid from the chosen config, M_BUCKET key) with one
+    config, run by the interpreter: same results as the fixed-tile launch."""
+    x, qw, b = _int4_operands(11, 64, torch.float32)
+    out = torch.empty(M, N)
+    args = (x, qw.q, qw.scale, b, out, M, N, K, T._pow2_at_least(M), x.stride(0), qw.q.stride(0),
+            qw.scale.stride(0), out.stride(0))
+    T._launch("w4a16", ((16, 32, 64, 4, 1), (16, 32, 128, 4, 1)), 64, None, args, M, N,
+              {"GROUP": 64, "IEEE": True, "HAS_BIAS": True}, x.device, autotune=True)   # BK=128 pruned
+    torch.testing.assert_close(out, MM.w4a16_matmul(x, qw, b, "reference"), rtol=1e-5, atol=1e-5)
+    _, xq, xs, qf, bf = _fp8_operands(12)
+    out = torch.empty(M, N)
+    args = (xq, qf.q, xs, qf.scale.reshape(-1), bf, out, M, N, K, 32, xq.stride(0), qf.q.stride(0), out.stride(0))
+    T._launch("scaled_dot", ((32, 16, 32, 4, 1),), 0, None, args, M, N, {"IS_INT": False, "HAS_BIAS": True},
+              xq.device, autotune=True)
+    torch.testing.assert_close(out, MM.fp8_matmul(xq, xs, qf.q, qf.scale, bf, "reference"), rtol=1e-5, atol=1e-5)
+    assert T._pow2_at_least(1) == 1 and T._pow2_at_least(17) == 32 and T._pow2_at_least(4096) == 4096
+
+
 def test_w4a16_rejects_inconsistent_layouts():
     x, qw, b = _int4_operands(5, 64, torch.float32)
     with pytest.raises(ValueError, match="int4"):

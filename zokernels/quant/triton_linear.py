@@ -125,8 +125,8 @@ def _build() -> dict | None:
 
 
 def _autotuned(name: str, configs: tuple, group: int = 0):
-    """The kernel wrapped in triton.autotune over `configs` (GPU only), one wrapper per (name, group)."""
-    key = (name, group)
+    """The kernel wrapped in triton.autotune over `configs`, one wrapper per (name, group, configs)."""
+    key = (name, group, configs)
     if key not in _tuned:
         import triton
         cfgs = [triton.Config({"BM": bm, "BN": bn, "BK": bk}, num_warps=w, num_stages=s)
@@ -165,9 +165,12 @@ def _pow2_at_least(m: int) -> int:
 
 
 def _launch(name: str, configs: tuple, group: int, tiles, args: tuple, m: int, n: int, consts: dict,
-            device: torch.device) -> None:
-    """Fixed tiles on CPU (interpreter) or when `tiles` is given; autotuned configs on a GPU."""
-    if device.type == "cpu" or tiles is not None:
+            device: torch.device, autotune: bool | None = None) -> None:
+    """Fixed tiles on CPU (interpreter) or when `tiles` is given; autotuned configs on a GPU (autotune=True
+    forces the autotuned launch, which the interpreter runs when `configs` has one entry: tests)."""
+    if autotune is None:
+        autotune = device.type != "cpu" and tiles is None
+    if not autotune:
         bm, bn, bk = tiles if tiles is not None else INTERPRETER_TILES
         grid = (-(-m // bm), -(-n // bn))
         kwargs = {} if device.type == "cpu" else {"enable_fp_fusion": False}
