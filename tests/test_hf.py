@@ -108,12 +108,13 @@ class ListDataset(torch.utils.data.Dataset):
 
 
 def make_trainer(model, out, objective=None, **overrides):
+    zo = {k: overrides.pop(k) for k in list(overrides) if k.startswith("zo_")}
     kw = dict(output_dir=str(out), max_steps=3, per_device_train_batch_size=4, learning_rate=1e-2,
               logging_steps=1, report_to=[], save_strategy="no", use_cpu=True, remove_unused_columns=False,
               disable_tqdm=True, seed=3, data_seed=3)
     kw.update(overrides)
     return ZOTrainer(model=model, args=TrainingArguments(**kw), train_dataset=ListDataset(EXAMPLES),
-                     data_collator=collator(), objective=objective or VerbalizerObjective("lm"), zo_eps=1e-2)
+                     data_collator=collator(), objective=objective or VerbalizerObjective("lm"), zo_eps=1e-2, **zo)
 
 
 def snapshot(model):
@@ -383,3 +384,80 @@ def test_layer_input_cache_refusals():
     model.model.__class__ = Reversed
     with torch.no_grad(), pytest.raises(ZOError, match="does not fit"):
         LayerInputCache(model, 2).decoder_output(ids, None)
+
+
+def quantized_tiny_llama(seed=0, fmt="int8"):
+    from zokernels.quant import quantize_model
+
+    model = tiny_llama(seed=seed)
+    quantize_model(model, fmt, exclude=("lm_head",), group_size=32)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def qsnapshot(model):
+    from zokernels.quant import quant_layers
+
+    return {n: m.qweight.view(torch.uint8).clone() for n, m in quant_layers(model)}
+
+
+def test_zotrainer_quzo_trains_the_named_quant_layers_only_and_replays(tmp_path):
+    from zokernels.optim.quzo import QuZO, replay_quzo
+
+    model = quantized_tiny_llama()
+    base = copy.deepcopy(model)
+    floats = snapshot(model)
+    before = qsnapshot(model)
+    names = [n for n in before if n.startswith("model.layers.1.")]
+    trainer = make_trainer(model, tmp_path, max_steps=4, learning_rate=0.5, zo_quant_layers=names)
+    trainer.train()
+    opt = trainer.zo_optimizer
+    assert isinstance(opt, QuZO) and opt.log.names == names and len(opt.log.steps) == 4
+    after = qsnapshot(model)
+    changed = {n for n in before if not torch.equal(before[n], after[n])}
+    assert changed == set(names)
+    assert all(torch.equal(floats[n], p) for n, p in model.named_parameters())  # norms, embeddings frozen
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 4 and all(l > 0 for l in losses)
+    replay_quzo(base, opt.log)  # the log (full-model names) rebuilds the trained weights bitwise
+    assert all(torch.equal(a, b) for a, b in zip(qsnapshot(base).values(), after.values()))
+
+
+def test_zotrainer_quzo_checkpoint_resume_matches_uninterrupted_run(tmp_path):
+    full = quantized_tiny_llama(seed=1)
+    part = copy.deepcopy(full)
+    make_trainer(full, tmp_path / "full", max_steps=4, learning_rate=0.5).train()
+    make_trainer(part, tmp_path / "ckpt", max_steps=4, learning_rate=0.5, save_strategy="steps", save_steps=2).train()
+    ckpt = tmp_path / "ckpt" / "checkpoint-2"
+    state = torch.load(ckpt / "optimizer.pt", weights_only=True)
+    assert len(state["quzo"]["steps"]) == 2
+    resumed_model = quantized_tiny_llama(seed=99)  # weights (int8 buffers) come from the checkpoint
+    resumed = make_trainer(resumed_model, tmp_path / "ckpt", max_steps=4, learning_rate=0.5,
+                           save_strategy="steps", save_steps=2)
+    resumed.train(resume_from_checkpoint=str(ckpt))
+    assert qsnapshot(full).keys() == qsnapshot(resumed_model).keys()
+    for (n, a), b in zip(qsnapshot(full).items(), qsnapshot(resumed_model).values()):
+        assert torch.equal(a, b), n
+    assert len(resumed.zo_optimizer.log.steps) == 4
+
+
+def test_zotrainer_quantized_model_method_choice(tmp_path):
+    from zokernels.optim import ZOSGD
+
+    model = quantized_tiny_llama()
+    model.model.norm.weight.requires_grad_(True)
+    with pytest.warns(UserWarning, match="32 float parameters that require grad stay frozen"):
+        make_trainer(model, tmp_path, max_steps=1, learning_rate=0.5).train()
+    qbefore, norm_before = qsnapshot(model), model.model.norm.weight.detach().clone()
+    trainer = make_trainer(model, tmp_path, max_steps=2, zo_method="zosgd")  # norm on the frozen int8 base
+    trainer.train()
+    assert isinstance(trainer.zo_optimizer, ZOSGD)
+    assert all(torch.equal(a, b) for a, b in zip(qbefore.values(), qsnapshot(model).values()))
+    assert not torch.equal(norm_before, model.model.norm.weight)
+    with pytest.raises(ValueError, match="no weight decay"):
+        make_trainer(model, tmp_path, max_steps=1, weight_decay=0.1).train()
+    with pytest.raises(ValueError, match="not found"):
+        make_trainer(model, tmp_path, max_steps=1, zo_quant_layers=["model.embed_tokens"]).train()
+    with pytest.raises(ValueError, match="needs a quantized model"):
+        make_trainer(tiny_llama(), tmp_path, max_steps=1, zo_method="quzo").train()

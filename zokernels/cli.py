@@ -37,6 +37,9 @@ GPU_DEFAULTS = dict(tune="all", dtype="bfloat16", lr=1e-6, lr_scheduler="constan
                     n_queries=1, train_examples=1000, dev_examples=500, test_examples=1000,
                     eval_examples=0, dev_eval_examples=0, eval_every=1000, max_text_tokens=64, eval_batch_size=64,
                     probe="auto", logging_steps=10, fo_lr=1e-5)
+# QuZO on CPU (--quant with --tune last-layers): chosen by a search on the dev split (see docs/quzo.md).
+QUZO_CPU_DEFAULTS = dict(lr=1e-3, eps=1e-3, max_steps=500, lr_scheduler="linear")
+QUZO_MODES = ("all", "last-layers")
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -79,11 +82,25 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype")
-    t.add_argument("--tune", choices=("all", "norms", "final-norm", "lora"),
-                   help="what ZO tunes: all weights, every norm weight, the norm before the LM head, or LoRA")
+    t.add_argument("--tune", choices=("all", "norms", "final-norm", "last-layers", "lora"),
+                   help="what ZO tunes: all weights, every norm weight, the norm before the LM head, the last "
+                        "--tune-layers decoder layers, or LoRA")
+    t.add_argument("--tune-layers", type=int, default=1, help="decoder layers tuned by --tune last-layers")
     t.add_argument("--cache-trunk", choices=("auto", "no"), default="auto",
-                   help="auto: with --tune final-norm, compute the frozen decoder's hidden states once per "
-                        "example and run only norm + lm_head per probe (same values, ~100x cheaper steps)")
+                   help="auto: with --tune final-norm or last-layers, compute the frozen decoder's hidden states "
+                        "once per example (before the final norm / at the first tuned layer's input) and run "
+                        "only the tuned part per probe (same values, much cheaper steps)")
+    q = p.add_argument_group("quantized base (QuZO)")
+    q.add_argument("--quant", choices=("none", "int8", "int4", "fp8"), default="none",
+                   help="store every linear layer except lm_head in this format right after loading (the "
+                        "zero-shot accuracy is the quantized model's). --tune all / last-layers: QuZO trains the "
+                        "quantized weights (float parameters frozen); final-norm / norms / lora: ZOSGD trains "
+                        "those float parameters on the frozen quantized base")
+    q.add_argument("--quant-group-size", type=int, default=128, help="int4 scale group (64 or 128)")
+    q.add_argument("--quant-matmul", choices=("auto", "dequant", "w8a8"), default="auto",
+                   help="auto: w8a8 (int8 x int8 -> int32) for int8 on a GPU, else dequant (float matmul)")
+    q.add_argument("--float-zero-shot", choices=("yes", "no"), default="yes",
+                   help="with --quant: also measure the float model's zero-shot test accuracy before quantizing")
     t.add_argument("--lora-r", type=int, default=8)
     t.add_argument("--lora-alpha", type=float, default=16.0)
     t.add_argument("--lora-targets", default="q_proj,v_proj")
@@ -126,6 +143,9 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     elif device == "cuda" and not torch.cuda.is_available():
         raise ZOError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
     cfg = dict(GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS)
+    quzo = args.quant != "none" and (args.tune or cfg["tune"]) in QUZO_MODES
+    if quzo and device == "cpu":
+        cfg.update(QUZO_CPU_DEFAULTS)
     if args.smoke:
         cfg.update(SMOKE)
     for key in list(cfg):
@@ -134,14 +154,29 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
             cfg[key] = value
     for key in ("model", "data", "text_column", "label_column", "labels", "verbalizer", "template", "encoding",
                 "lora_r", "lora_alpha", "objective", "grad_accum", "weight_decay", "save_steps",
-                "seed", "baseline", "output_dir", "save_model", "cache_trunk"):
+                "seed", "baseline", "output_dir", "save_model", "cache_trunk", "tune_layers", "quant",
+                "quant_group_size", "float_zero_shot"):
         cfg[key] = getattr(args, key)
     cfg["device"] = device
+    matmul = args.quant_matmul
+    if matmul == "auto":
+        matmul = "w8a8" if cfg["quant"] == "int8" and device == "cuda" else "dequant"
+    cfg["quant_matmul"] = matmul if cfg["quant"] != "none" else None
+    if cfg["quant"] != "int8" and args.quant_matmul == "w8a8":
+        parser.error(f"--quant-matmul w8a8 needs --quant int8, got --quant {cfg['quant']}")
+    if cfg["quant"] == "int4" and cfg["quant_group_size"] not in (32, 64, 128, 256):
+        parser.error(f"--quant-group-size must be 32, 64, 128 or 256, got {cfg['quant_group_size']}")
+    if quzo and cfg["baseline"] == "fo":
+        raise ZOError(f"--baseline fo with --quant and --tune {cfg['tune']}: first-order training of quantized "
+                      "weights needs a straight-through estimator, which is not implemented; use --tune final-norm, "
+                      "norms or lora for a first-order baseline on the quantized base")
+    if quzo and cfg["weight_decay"]:
+        raise ZOError("--weight-decay: QuZO (--quant with --tune all / last-layers) has no weight decay")
     if args.eval_examples and args.dev_eval_examples is None:  # "--eval-examples 8": a quick run, dev too
         cfg["dev_eval_examples"] = min(cfg["dev_eval_examples"] or args.eval_examples, args.eval_examples)
     cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     positive = ("max_steps", "batch_size", "n_queries", "train_examples", "max_text_tokens", "eval_batch_size",
-                "grad_accum", "lora_r")
+                "grad_accum", "lora_r", "tune_layers")
     for key in positive:
         if cfg[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
@@ -339,10 +374,12 @@ def run(cfg: dict) -> dict:
     from transformers import set_seed
 
     from .hf.data import load_model_and_tokenizer
-    from .hf.scoring import FrozenTrunkCache, VerbalizerCollator, VerbalizerObjective, evaluate_accuracy
+    from .hf.scoring import (FrozenTrunkCache, LayerInputCache, VerbalizerCollator, VerbalizerObjective,
+                             evaluate_accuracy)
     from .hf.stats import mcnemar
     from .hf.trainer import FOTrainer, ZOTrainer
-    from .hf.tuning import select_trainable, trainable_count
+    from .hf.tuning import (QUZO_LOG_FILE, ZOSGD_LOG_FILE, last_layers, quantize_for_tuning, save_quzo_log,
+                            select_trainable, trainable_count)
 
     t_start = time.time()
     out = cfg["output_dir"]
@@ -359,28 +396,57 @@ def run(cfg: dict) -> dict:
     model.config.use_cache = False
     model.to(cfg["device"])
     t_load = time.time() - t0
-    model = select_trainable(model, cfg["tune"], lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
-                             lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"])
-    n_train, n_total = trainable_count(model)
-    if cfg.get("cache_trunk", "auto") == "auto" and cfg["tune"] == "final-norm":
-        model.zo_trunk_cache = FrozenTrunkCache(model)
-        say("frozen trunk: decoder states are computed once per example (only the final norm is tuned)")
-    say(f"model: {cfg['model'] or 'SmolLM2-135M-Instruct (GGUF)'}: {type(model).__name__}, {n_total / 1e6:.1f}M params, "
-        f"{cfg['dtype']} on {cfg['device']}, loaded in {t_load:.1f}s; ZO tunes {cfg['tune']}: {n_train:,} params")
-    run_config = {k: v for k, v in cfg.items()}
-    with open(os.path.join(out, "run_config.json"), "w") as fh:
-        json.dump(run_config, fh, indent=1)
-
     collator = VerbalizerCollator(tokenizer, task)
     objective = VerbalizerObjective(cfg["objective"])
     ebs = cfg["eval_batch_size"]
+    quant, tune = cfg.get("quant", "none"), cfg["tune"]
+    zs_float = None
+    if quant != "none" and cfg.get("float_zero_shot", "yes") == "yes":
+        t0 = time.time()
+        zs_float = evaluate_accuracy(model, collator, splits["test"], ebs)[0]
+        say(f"zero-shot of the float model (before --quant {quant}): test accuracy {zs_float:.4f} "
+            f"({time.time() - t0:.1f}s)")
+    model = select_trainable(model, tune, lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
+                             lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
+                             tune_layers=cfg.get("tune_layers", 1))
+    quant_report, quzo_layers = None, None
+    n_total = trainable_count(model)[1]  # before --quant turns linear weights into buffers
+    if quant != "none":
+        quant_report, quzo_layers = quantize_for_tuning(model, quant, tune, group_size=cfg["quant_group_size"],
+                                                        matmul=cfg["quant_matmul"], tune_layers=cfg["tune_layers"])
+        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
+        tied = head is not None and emb is not None and head.weight is emb.weight
+        say(str(quant_report) + f"; matmul {cfg['quant_matmul']}; lm_head stays {cfg['dtype']}"
+            + (" (tied to the embeddings)" if tied else ""))
+        if quzo_layers is not None:
+            say(f"QuZO trains the {quant} weights of {len(quzo_layers)} linear layers ({tune}); norms, embeddings "
+                "and lm_head are frozen")
+        else:
+            say(f"ZOSGD trains the float {tune} parameters on the frozen {quant} base")
+    n_train = trainable_count(model)[0]
+    if quzo_layers is not None:
+        n_train = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in quzo_layers)
+    if cfg.get("cache_trunk", "auto") == "auto" and tune == "final-norm":
+        model.zo_trunk_cache = FrozenTrunkCache(model)
+        say("frozen trunk: decoder states are computed once per example (only the final norm is tuned)")
+    elif cfg.get("cache_trunk", "auto") == "auto" and tune == "last-layers":
+        first, _ = last_layers(model, cfg["tune_layers"])
+        model.zo_trunk_cache = LayerInputCache(model, first)
+        say(f"frozen trunk: the input states of decoder layer {first} are computed once per example (layers "
+            f"{first}.. are tuned)")
+    what = f"{quant} weights (QuZO)" if quzo_layers is not None else "params"
+    say(f"model: {cfg['model'] or 'SmolLM2-135M-Instruct (GGUF)'}: {type(model).__name__}, {n_total / 1e6:.1f}M params, "
+        f"{cfg['dtype']} on {cfg['device']}, loaded in {t_load:.1f}s; ZO tunes {tune}: {n_train:,} {what}")
+    run_config = {k: v for k, v in cfg.items()}
+    with open(os.path.join(out, "run_config.json"), "w") as fh:
+        json.dump(run_config, fh, indent=1)
 
     t0 = time.time()
     zs_test, zs_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs)
     zs_dev = evaluate_accuracy(model, collator, splits["dev"], ebs)[0] if splits["dev"] else None
     t_zero_shot = time.time() - t0
-    say(f"zero-shot: test accuracy {zs_test:.4f}" + (f", dev {zs_dev:.4f}" if zs_dev is not None else "")
-        + f" ({t_zero_shot:.1f}s)")
+    say(f"zero-shot{f' ({quant} model)' if quant != 'none' else ''}: test accuracy {zs_test:.4f}"
+        + (f", dev {zs_dev:.4f}" if zs_dev is not None else "") + f" ({t_zero_shot:.1f}s)")
     base_trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
         if cfg["baseline"] == "fo" else None
 
@@ -389,7 +455,8 @@ def run(cfg: dict) -> dict:
                         train_dataset=_ListDataset(splits["train"]),
                         eval_dataset=_ListDataset(splits["dev"]) if eval_on else None,
                         data_collator=collator, compute_metrics=_accuracy_metric, objective=objective,
-                        zo_eps=cfg["eps"], zo_n_queries=cfg["n_queries"], zo_seed=cfg["seed"], zo_probe=cfg["probe"])
+                        zo_eps=cfg["eps"], zo_n_queries=cfg["n_queries"], zo_seed=cfg["seed"], zo_probe=cfg["probe"],
+                        zo_method="zosgd" if quzo_layers is None else "quzo", zo_quant_layers=quzo_layers)
     _swap_progress(trainer, make_progress_callback(cfg["device"], "ZO fine-tune", not cfg.get("no_progress")))
     t0 = time.time()
     trainer.train()
@@ -403,9 +470,21 @@ def run(cfg: dict) -> dict:
     say(f"fine-tuned: test accuracy {ft_test:.4f} (zero-shot {zs_test:.4f}, {100 * (ft_test - zs_test):+.1f} points; "
         f"McNemar exact p = {test_vs_zero_shot['p_value']:.3g})")
 
-    log_path = os.path.join(out, "finetune_log.npz")
-    zo.log.save(log_path)
-    if cfg["save_model"] == "yes":
+    if quzo_layers is not None:
+        log_file = QUZO_LOG_FILE
+        save_quzo_log(zo.log, os.path.join(out, log_file))
+    else:
+        log_file = ZOSGD_LOG_FILE
+        zo.log.save(os.path.join(out, log_file))
+    if cfg["save_model"] == "yes" and quant != "none":
+        # QuantLinear modules are not a transformers architecture: save the state dict (int8/int4/fp8
+        # buffers); rebuild_model(out) gives the module tree it loads into.
+        os.makedirs(os.path.join(out, "model"), exist_ok=True)
+        torch.save(model.state_dict(), os.path.join(out, "model", "quantized_state_dict.pt"))
+        tokenizer.save_pretrained(os.path.join(out, "model"))
+        say(f"quantized model state saved to {os.path.join(out, 'model', 'quantized_state_dict.pt')} (load it into "
+            f"the module tree of zokernels.hf.rebuild_model({out!r}), or use that directly)")
+    elif cfg["save_model"] == "yes":
         model.save_pretrained(os.path.join(out, "model"))
         tokenizer.save_pretrained(os.path.join(out, "model"))
         say(f"model saved to {os.path.join(out, 'model')}")
@@ -420,14 +499,25 @@ def run(cfg: dict) -> dict:
         "config": run_config, "data": data_path, "labels": task.labels, "template": task.template,
         "verbalizer": dict(task.verbalizer), "trainable_params": n_train, "total_params": n_total,
         "n_test": len(splits["test"]), "n_dev": len(splits["dev"]),
-        "zero_shot": {"test_accuracy": zs_test, "dev_accuracy": zs_dev},
+        "zero_shot": {"test_accuracy": zs_test, "dev_accuracy": zs_dev,
+                      "model": f"{quant}-quantized (the model that is fine-tuned)" if quant != "none" else cfg["dtype"],
+                      "float_model_test_accuracy": zs_float},
         "zo": {"test_accuracy": ft_test, "gain_points": 100 * (ft_test - zs_test), "mcnemar_vs_zero_shot": test_vs_zero_shot,
                "steps": trainer.state.global_step, "dev_accuracy": curves["ZO"]["dev_accuracy"],
                "train_loss": curves["ZO"]["loss"], "train_seconds": t_train,
                "peak_memory_mib": peak_memory_mib(cfg["device"])},
+        "optimizer": "QuZO" if quzo_layers is not None else "ZOSGD", "log_file": log_file,
         "seconds": {"load": t_load, "zero_shot_eval": t_zero_shot, "train": t_train, "final_eval": t_final_eval},
     }
 
+    if quant_report is not None:
+        metrics["quant"] = {"fmt": quant, "group_size": cfg["quant_group_size"] if quant == "int4" else None,
+                            "matmul": cfg["quant_matmul"], "layers": len(quant_report.layers),
+                            "linear_bytes_before": quant_report.bytes_before,
+                            "linear_bytes_after": quant_report.bytes_after,
+                            "model_bytes_before": quant_report.model_bytes_before,
+                            "model_bytes_after": quant_report.model_bytes_after,
+                            "quzo_layers": quzo_layers}
     if cfg["baseline"] == "fo":
         with torch.no_grad():
             for n, p in model.named_parameters():
@@ -460,7 +550,7 @@ def run(cfg: dict) -> dict:
     metrics["seconds"]["total"] = time.time() - t_start
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(metrics, fh, indent=1)
-    say(f"wrote {out}/metrics.json, training_curves.png, finetune_log.npz ({metrics['seconds']['total']:.0f}s total)")
+    say(f"wrote {out}/metrics.json, training_curves.png, {log_file} ({metrics['seconds']['total']:.0f}s total)")
     return metrics
 
 

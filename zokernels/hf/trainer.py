@@ -19,6 +19,13 @@ model's LM loss). Any scalar works, differentiable or not (e.g. 1 - accuracy). A
 `predict(model, inputs) -> (scores, labels)` method also drives evaluation (compute_metrics sees
 scores as predictions).
 
+Quantized models (zokernels.quant.quantize_model): with `zo_method="auto"` (default) a model holding
+QuantLinear layers is trained by QuZO on their quantized weights (all of them, or the names in
+`zo_quant_layers`); float parameters stay frozen (a warning says so if some require grad).
+`zo_method="zosgd"` instead trains the float parameters that require grad with ZOSGD on the frozen
+quantized base (norms, LoRA adapters: QLoRA-style). QuZO has no weight decay; its log (seeds,
+projected gradients) is in `optimizer.pt` like ZOSGD's and `replay_quzo` rebuilds the weights.
+
 Refused: fp16 mixed precision (GradScaler scales gradients that ZO never computes; use bf16, fp32,
 or a model loaded in float16 without --fp16), DeepSpeed (its engine owns the optimizer; ZO has no
 optimizer state to offload anyway). Ignored with a warning: gradient/activation checkpointing (it
@@ -35,6 +42,9 @@ from torch import nn
 from transformers import Trainer
 
 from ..optim import ZOSGD
+from ..optim.common import eval_mode
+from ..optim.quzo import QuZO
+from ..quant.linear import quant_layers
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"
 
@@ -75,8 +85,8 @@ class FOTrainer(ObjectiveMixin, Trainer):
         self.objective = objective
 
 
-class TrainerZOSGD(ZOSGD):
-    """ZOSGD for the Trainer: ZOTrainer.training_step takes the step (with a closure over the window's
+class _WindowStep:
+    """For the Trainer: ZOTrainer.training_step takes the step (with a closure over the window's
     micro-batches); the Trainer's own closure-less `optimizer.step()` that follows is then a no-op."""
 
     _stepped_in_window = False
@@ -92,16 +102,48 @@ class TrainerZOSGD(ZOSGD):
         return loss
 
 
+class TrainerZOSGD(_WindowStep, ZOSGD):
+    """ZOSGD whose closure-less step after ZOTrainer.training_step is a no-op."""
+
+
+class TrainerQuZO(_WindowStep, QuZO):
+    """QuZO whose closure-less step after ZOTrainer.training_step is a no-op."""
+
+
+ZO_METHODS = ("auto", "zosgd", "quzo")
+
+
+class QuantSubset(nn.Module):
+    """A module tree holding only the named QuantLinear layers of `model`, under their full names (so
+    QuZO's contract keys and log names are those of the whole model and replay_quzo applies to it)."""
+
+    def __init__(self, model: nn.Module, names):
+        super().__init__()
+        for name in names:
+            parent: nn.Module = self
+            *path, leaf = name.split(".")
+            for part in path:
+                if part not in parent._modules:
+                    parent.add_module(part, nn.Module())
+                parent = parent._modules[part]
+            parent.add_module(leaf, model.get_submodule(name))
+
+
 class ZOTrainer(ObjectiveMixin, Trainer):
     """Trainer that fine-tunes with zeroth-order SPSA steps (ZOSGD) — see the module docstring.
 
     Extra arguments: objective (callable(model, inputs) -> scalar to minimize; None: compute_loss),
-    zo_eps, zo_n_queries, zo_dist, zo_seed (None: args.seed), zo_probe, zo_one_sided, zo_backend.
+    zo_eps, zo_n_queries, zo_dist, zo_seed (None: args.seed), zo_probe, zo_one_sided, zo_backend;
+    quantized models: zo_method ("auto" | "zosgd" | "quzo"), zo_quant_layers (QuantLinear names QuZO
+    trains; None: all), zo_quzo (extra QuZO arguments: update, act_sr, probe="fused"|"inplace").
     The learning rate, weight decay, scheduler and warmup come from TrainingArguments as usual."""
 
     def __init__(self, *args, objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                  zo_eps: float = 1e-3, zo_n_queries: int = 1, zo_dist: str = "gaussian", zo_seed: int | None = None,
-                 zo_probe: str = "auto", zo_one_sided: bool = False, zo_backend: str = "auto", **kwargs):
+                 zo_probe: str = "auto", zo_one_sided: bool = False, zo_backend: str = "auto",
+                 zo_method: str = "auto", zo_quant_layers=None, zo_quzo: dict | None = None, **kwargs):
+        if zo_method not in ZO_METHODS:
+            raise ValueError(f"ZOTrainer: zo_method must be one of {ZO_METHODS}, got {zo_method!r}")
         super().__init__(*args, **kwargs)
         targs = self.args
         if targs.fp16 or getattr(targs, "fp16_full_eval", False):
@@ -123,15 +165,29 @@ class ZOTrainer(ObjectiveMixin, Trainer):
         self.zo_config = dict(eps=zo_eps, n_queries=zo_n_queries, dist=zo_dist,
                               seed=targs.seed if zo_seed is None else zo_seed, probe=zo_probe,
                               one_sided=zo_one_sided, backend=zo_backend)
+        self.zo_method = zo_method
+        self.zo_quant_layers = None if zo_quant_layers is None else list(zo_quant_layers)
+        self.zo_quzo = dict(zo_quzo or {})
         self._window: list[dict] = []
 
     # ------------------------------------------------------------------ optimizer
+    def uses_quzo(self, model: nn.Module | None = None) -> bool:
+        """QuZO for zo_method 'quzo', or 'auto' on a model holding QuantLinear layers; else ZOSGD."""
+        model = self.model if model is None else model
+        if self.zo_method == "auto":
+            return bool(quant_layers(model))
+        return self.zo_method == "quzo"
+
     def create_optimizer(self, model: nn.Module | None = None) -> torch.optim.Optimizer:
         """ZOSGD over the trainable parameters (requires_grad), probe hooks installed via the model;
-        args.weight_decay applies to the parameters the Trainer would decay (not biases/norms)."""
+        args.weight_decay applies to the parameters the Trainer would decay (not biases/norms).
+        QuZO (see uses_quzo) over the model's QuantLinear layers or the `zo_quant_layers` subset."""
         if self.optimizer is not None:
             return self.optimizer
         model = self.model if model is None else model
+        if self.uses_quzo(model):
+            self.optimizer = self._create_quzo(model)
+            return self.optimizer
         trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("ZOTrainer: the model has no trainable parameters (requires_grad=True)")
@@ -147,10 +203,34 @@ class ZOTrainer(ObjectiveMixin, Trainer):
                                       **self.zo_config)
         return self.optimizer
 
+    def _create_quzo(self, model: nn.Module) -> TrainerQuZO:
+        layers = dict(quant_layers(model))
+        if not layers:
+            raise ValueError("ZOTrainer: zo_method='quzo' needs a quantized model (zokernels.quant.quantize_model)")
+        names = list(layers) if self.zo_quant_layers is None else self.zo_quant_layers
+        unknown = [n for n in names if n not in layers]
+        if unknown or not names:
+            raise ValueError(f"ZOTrainer: zo_quant_layers must name QuantLinear layers of the model; not found: "
+                             f"{unknown[:3] or 'an empty list'}")
+        if self.args.weight_decay:
+            raise ValueError("ZOTrainer: QuZO has no weight decay; set weight_decay=0")
+        if self.zo_config["one_sided"]:
+            raise ValueError("ZOTrainer: QuZO probes are two-sided; zo_one_sided=True is not supported")
+        floats = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        if floats:
+            warnings.warn(f"ZOTrainer: QuZO trains only the quantized weights of {len(names)} QuantLinear layers; "
+                          f"{floats:,} float parameters that require grad stay frozen (zo_method='zosgd' trains "
+                          "them with ZOSGD on the frozen quantized base instead)", stacklevel=3)
+        kwargs = dict(probe="inplace" if self.zo_config["probe"] == "inplace" else "fused")
+        kwargs.update(self.zo_quzo)
+        cfg = self.zo_config
+        return TrainerQuZO(QuantSubset(model, names), lr=self.args.learning_rate, eps=cfg["eps"],
+                           n_queries=cfg["n_queries"], seed=cfg["seed"], dist=cfg["dist"], **kwargs)
+
     @property
-    def zo_optimizer(self) -> TrainerZOSGD:
+    def zo_optimizer(self) -> TrainerZOSGD | TrainerQuZO:
         opt = self.optimizer
-        while opt is not None and not isinstance(opt, ZOSGD):
+        while opt is not None and not isinstance(opt, (ZOSGD, QuZO)):
             opt = getattr(opt, "optimizer", None)
         if opt is None:
             raise RuntimeError("ZOTrainer: the optimizer is not created yet (call train() first)")
@@ -178,5 +258,10 @@ class ZOTrainer(ObjectiveMixin, Trainer):
                 total = value if total is None else total + value
             return total / len(window)
 
-        loss = self.zo_optimizer.step(closure)
+        opt = self.zo_optimizer
+        if isinstance(opt, QuZO):  # QuZO sets eval mode on its layers only; the probes need all of it
+            with eval_mode(model):
+                loss = opt.step(closure)
+        else:
+            loss = opt.step(closure)
         return loss.detach().to(self.args.device)

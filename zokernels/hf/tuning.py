@@ -1,5 +1,5 @@
-"""Which parameters ZO tunes (all, RMS/LayerNorm weights, or LoRA adapters), and rebuilding a fine-tuned
-model from the base weights + the fine-tune log."""
+"""Which parameters ZO tunes (all, RMS/LayerNorm weights, the last decoder layers, or LoRA adapters), the
+quantized base of `--quant` runs, and rebuilding a fine-tuned model from the base weights + the fine-tune log."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,11 @@ from torch import nn
 
 from .errors import ZOError
 
-TUNE_MODES = ("all", "norms", "final-norm", "lora")
+TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora")
+QUANT_FORMATS = ("int8", "int4", "fp8")
+QUZO_MODES = ("all", "last-layers")   # with --quant these train QuantLinear weights with QuZO
+QUZO_LOG_FILE = "quzo_log.json"
+ZOSGD_LOG_FILE = "finetune_log.npz"
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 
@@ -25,10 +29,32 @@ def is_final_norm_param(name: str) -> bool:
     return is_norm_param(name) and not any(part.isdigit() for part in name.split("."))
 
 
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    """The decoder's layer stack (through PEFT/DDP wrappers); ZOError if there is none."""
+    from .scoring import causal_lm_parts
+
+    decoder, _, _ = causal_lm_parts(model)
+    layers = getattr(decoder, "layers", None)
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0:
+        raise ZOError(f"{type(decoder).__name__} has no `layers` ModuleList; --tune last-layers needs one")
+    return layers
+
+
+def last_layers(model: nn.Module, n: int) -> tuple[int, list[nn.Module]]:
+    """(index of the first tuned layer, the last n decoder layers)."""
+    layers = decoder_layers(model)
+    if not 1 <= n <= len(layers):
+        raise ZOError(f"--tune-layers must be in [1, {len(layers)}] ({type(model).__name__} has {len(layers)} "
+                      f"decoder layers), got {n}")
+    return len(layers) - n, list(layers)[len(layers) - n:]
+
+
 def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha: float = 16.0,
-                     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, seed: int = 0) -> nn.Module:
+                     lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, seed: int = 0,
+                     tune_layers: int = 1) -> nn.Module:
     """Set requires_grad for `mode` and return the model to train (a PeftModel for 'lora', whose adapter
-    init is seeded so that the same seed gives the same starting weights)."""
+    init is seeded so that the same seed gives the same starting weights). 'last-layers': every
+    parameter of the last `tune_layers` decoder layers."""
     if mode not in TUNE_MODES:
         raise ZOError(f"--tune must be one of {', '.join(TUNE_MODES)}, got {mode!r}")
     if mode == "all":
@@ -37,6 +63,11 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
         return model
     for p in model.parameters():
         p.requires_grad_(False)
+    if mode == "last-layers":
+        for layer in last_layers(model, tune_layers)[1]:
+            for p in layer.parameters():
+                p.requires_grad_(True)
+        return model
     if mode in ("norms", "final-norm"):
         pick = is_norm_param if mode == "norms" else is_final_norm_param
         names = [n for n, p in model.named_parameters() if pick(n)]
@@ -64,6 +95,34 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
     return peft_model
 
 
+def quantize_for_tuning(model: nn.Module, fmt: str, mode: str, *, group_size: int = 128, matmul: str = "dequant",
+                        tune_layers: int = 1):
+    """Quantize every nn.Linear except lm_head (tied to the embeddings in many models: it stays float and
+    tied) and LoRA adapters, after select_trainable. Returns (QuantReport, names of the QuantLinear layers
+    QuZO trains, or None when ZOSGD trains the float parameters of the scope on the frozen quantized base).
+
+    mode 'all' / 'last-layers': QuZO over the QuantLinear layers of the scope; every float parameter is
+    frozen (QuZO and ZOSGD cannot share one probe). 'norms' / 'final-norm' / 'lora': ZOSGD over those
+    float parameters (QLoRA-style for LoRA); no QuantLinear is trained."""
+    from ..quant.linear import quant_layers, quantize_model
+
+    if fmt not in QUANT_FORMATS:
+        raise ZOError(f"--quant must be one of none, {', '.join(QUANT_FORMATS)}, got {fmt!r}")
+    lora = tuple(n for n, m in model.named_modules() if ".lora_" in n and type(m) is nn.Linear)
+    report = quantize_model(model, fmt, exclude=("lm_head",) + lora, group_size=group_size, matmul=matmul)
+    if mode not in QUZO_MODES:
+        return report, None
+    for p in model.parameters():
+        p.requires_grad_(False)
+    layers = quant_layers(model)
+    if mode == "last-layers":
+        scope = {id(m) for layer in last_layers(model, tune_layers)[1] for m in layer.modules()}
+        layers = [(n, m) for n, m in layers if id(m) in scope]
+    if not layers:
+        raise ZOError(f"--tune {mode} with --quant {fmt}: no quantized linear layer in scope")
+    return report, [n for n, _ in layers]
+
+
 def trainable_count(model: nn.Module) -> tuple[int, int]:
     """(trainable, total) parameter counts (tied parameters counted once)."""
     seen, trainable, total = set(), 0, 0
@@ -76,9 +135,31 @@ def trainable_count(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
+def save_quzo_log(log, path: str | os.PathLike) -> None:
+    """A QuZO log (zokernels.optim.quzo.QuZOLog) as JSON: config, base seed, layer names, per-step seed,
+    projected gradients, lr and saturation counts. Floats are written with repr precision (round-trip exact)."""
+    from dataclasses import asdict
+
+    with open(path, "w") as fh:
+        json.dump({"format": "zokernels.quzo_log", "version": 1, **asdict(log)}, fh)
+
+
+def load_quzo_log(path: str | os.PathLike):
+    from ..optim.quzo import QuZOLog, QuZORecord
+
+    with open(path) as fh:
+        data = json.load(fh)
+    if data.get("format") != "zokernels.quzo_log":
+        raise ZOError(f"{path} is not a QuZO log written by save_quzo_log")
+    steps = [QuZORecord(**{**r, "grads": tuple(r["grads"]), "lr": tuple(r["lr"])}) for r in data["steps"]]
+    return QuZOLog(data["config"], int(data["base_seed"]), list(data["names"]), steps)
+
+
 def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None):
     """Base model + fine-tune log -> the fine-tuned model, from a `finetune` output dir (its
-    run_config.json names the model, dtype and tuning mode; finetune_log.npz holds the steps)."""
+    run_config.json names the model, dtype, tuning mode and quantization; finetune_log.npz (ZOSGD) or
+    quzo_log.json (QuZO) holds the steps). --quant runs: the model is quantized the same way (round to
+    nearest is deterministic) and the log replayed, bitwise."""
     import zokernels
 
     from .data import load_model_and_tokenizer
@@ -90,6 +171,16 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype=dtype)
     model = select_trainable(model, cfg["tune"], lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
-                             lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"])
-    zokernels.replay(model, os.path.join(output_dir, "finetune_log.npz"))
+                             lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
+                             tune_layers=cfg.get("tune_layers", 1))
+    quzo_layers = None
+    if cfg.get("quant", "none") != "none":
+        _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
+                                             matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1))
+    if quzo_layers is not None:
+        from ..optim.quzo import replay_quzo
+
+        replay_quzo(model, load_quzo_log(os.path.join(output_dir, QUZO_LOG_FILE)))
+    else:
+        zokernels.replay(model, os.path.join(output_dir, ZOSGD_LOG_FILE))
     return model if tokenizer is None else (model, tokenizer)
