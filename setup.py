@@ -27,7 +27,7 @@ from setuptools.command.build_ext import build_ext
 CSRC = "csrc"
 KERNEL_SOURCES = [os.path.join(CSRC, "zo_kernels.cu")]
 HOST_SOURCES = [os.path.join(CSRC, "zo_module.cpp")]
-HEADERS = [os.path.join(CSRC, h) for h in ("zo_math.cuh", "zo_block.cuh", "zo_masked.cuh", "zo_launch.h")]
+HEADERS = [os.path.join(CSRC, h) for h in ("zo_math.cuh", "zo_block.cuh", "zo_masked.cuh", "zo_quant.cuh", "zo_launch.h")]
 # sm_80 and sm_90 machine code, plus compute_90 PTX so that newer GPUs can JIT it.
 GENCODE = ["-gencode", "arch=compute_80,code=sm_80", "-gencode", "arch=compute_90,code=[sm_90,compute_90]"]
 # No fast math: the Box-Muller path needs precise logf/sincosf; FMA contraction is avoided in the element

@@ -38,6 +38,21 @@ __global__ void __launch_bounds__(THREADS) zo_masked_kernel(const int64_t* __res
   });
 }
 
+// Quantized-weight ops: QUANT_ITEMS_PER_THREAD work items per thread, THREADS apart; the saturation count is
+// summed over the warp and added with one atomic per warp.
+__global__ void __launch_bounds__(THREADS) zo_quant_kernel(QuantParams p, int64_t items) {
+  unsigned count = 0;
+  const int64_t first = (int64_t)blockIdx.x * THREADS * QUANT_ITEMS_PER_THREAD + threadIdx.x;
+  for (int r = 0; r < QUANT_ITEMS_PER_THREAD; ++r) {
+    const int64_t i = first + (int64_t)r * THREADS;
+    if (i < items) count += (unsigned)quant_item(p, i);
+  }
+  if (p.saturated) {
+    count = __reduce_add_sync(0xFFFFFFFFu, count);
+    if ((threadIdx.x & 31u) == 0 && count) atomicAdd(p.saturated, (unsigned long long)count);
+  }
+}
+
 class DeviceGuard {  // this runtime's current device is per thread: set it, and put it back
  public:
   explicit DeviceGuard(int device) {
@@ -113,6 +128,23 @@ const char* launch(const LaunchArgs& a) {
   }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) return fail("zokernels kernel launch", e);
+  return nullptr;
+}
+
+const char* launch_quant(const QuantParams& p, int device, uintptr_t cuda_stream) {
+  const int64_t items = quant_items(p);
+  if (items <= 0) return nullptr;
+  const int64_t per_block = (int64_t)THREADS * QUANT_ITEMS_PER_THREAD;
+  const int64_t blocks = (items + per_block - 1) / per_block;
+  if (blocks > 0x7FFFFFFFLL) {
+    std::snprintf(g_error, sizeof(g_error), "too many elements in one weight (%lld)", (long long)items);
+    return g_error;
+  }
+  DeviceGuard guard(device);
+  if (guard.error() != cudaSuccess) return fail("cudaSetDevice", guard.error());
+  zo_quant_kernel<<<(unsigned)blocks, THREADS, 0, reinterpret_cast<cudaStream_t>(cuda_stream)>>>(p, items);
+  const cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) return fail("zokernels quant kernel launch", e);
   return nullptr;
 }
 

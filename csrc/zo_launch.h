@@ -7,12 +7,14 @@
 
 #include "zo_block.cuh"
 #include "zo_masked.cuh"
+#include "zo_quant.cuh"
 
 namespace zo {
 
 constexpr int THREADS = 256;        // threads per CUDA block
 constexpr int CHUNK_BLOCKS = 2048;  // Philox blocks (8192 elements) per CUDA block
 constexpr int MASK_CHUNK_ITEMS = 2048;  // masked ops: work items per CUDA block (zo_masked.cuh)
+constexpr int QUANT_ITEMS_PER_THREAD = 4;  // quantized-weight ops (zo_quant.cuh)
 
 // Number of CUDA devices visible to this extension's runtime (0 with no driver/GPU); *err set on failure.
 int device_count(const char** err);
@@ -55,5 +57,8 @@ inline OpParams op_params(const LaunchArgs& a) {
 
 // Kernel launch on a.cuda_stream (asynchronous).
 const char* launch(const LaunchArgs& a);
+
+// Quantized-weight op (one weight) on cuda_stream (asynchronous); saturation counts added atomically.
+const char* launch_quant(const QuantParams& p, int device, uintptr_t cuda_stream);
 
 }  // namespace zo

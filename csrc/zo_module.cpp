@@ -204,6 +204,80 @@ void host_masked_launch(int op, int dtype, int dist, bool stochastic, uintptr_t 
   if (!formats_ok) throw py::value_error("unknown mask format in the table");
 }
 
+zo::QuantParams quant_params(int op, int fmt, int dist, int out_kind, int in_dtype, bool stochastic, bool paper,
+                             int64_t n, int64_t k, int64_t kb, int64_t scale_cols, int64_t group, uintptr_t w,
+                             uintptr_t q, uintptr_t scale, uintptr_t out, uintptr_t saturated, uint64_t seed,
+                             uint64_t key, uint32_t query, float eps, float lr, int sign, uintptr_t coeffs,
+                             int n_coeffs) {
+  if (op < zo::Q_QUANTIZE || op > zo::Q_UPDATE) throw py::value_error("quant op must be 0, 1 or 2");
+  if (fmt < zo::QF_INT8 || fmt > zo::QF_FP8) throw py::value_error("quant format must be 0 (int8), 1 (int4), 2 (fp8)");
+  if (n < 0 || k < 0 || (n && k && (uint64_t)n * (uint64_t)k > (1ull << 50)))
+    throw py::value_error("element indices must stay below 2^50");
+  if (fmt == zo::QF_INT4 && (group <= 0 || group % 2 || kb * 2 < k)) throw py::value_error("bad int4 geometry");
+  if (query >= 4096u) throw py::value_error("query must be < 4096");
+  if (n_coeffs < 0 || n_coeffs > 4096) throw py::value_error("at most 4096 queries");
+  if (sign != 1 && sign != -1) throw py::value_error("sign must be +1 or -1");
+  if (out_kind < zo::QO_F32 || out_kind > zo::QO_GRID) throw py::value_error("bad probe output kind");
+  zo::QuantParams p{};
+  p.op = op;
+  p.fmt = fmt;
+  p.dist = dist;
+  p.out_kind = out_kind;
+  p.in_dtype = in_dtype;
+  p.stochastic = stochastic ? 1 : 0;
+  p.paper = paper ? 1 : 0;
+  p.n = n;
+  p.k = k;
+  p.kb = kb;
+  p.scale_cols = scale_cols;
+  p.group = fmt == zo::QF_INT4 ? group : 1;
+  p.w = reinterpret_cast<const void*>(w);
+  p.q = reinterpret_cast<void*>(q);
+  p.scale = reinterpret_cast<const float*>(scale);
+  p.out = reinterpret_cast<void*>(out);
+  p.saturated = reinterpret_cast<unsigned long long*>(saturated);
+  p.seed = seed;
+  p.key = key;
+  p.query = query;
+  p.eps = eps;
+  p.lr = lr;
+  p.sign = sign;
+  p.coeffs = reinterpret_cast<const float*>(coeffs);
+  p.n_coeffs = n_coeffs;
+  return p;
+}
+
+#define QUANT_ARGS                                                                                              \
+  int op, int fmt, int dist, int out_kind, int in_dtype, bool stochastic, bool paper, int64_t n, int64_t k,    \
+      int64_t kb, int64_t scale_cols, int64_t group, uintptr_t w, uintptr_t q, uintptr_t scale, uintptr_t out, \
+      uintptr_t saturated, uint64_t seed, uint64_t key, uint32_t query, float eps, float lr, int sign,          \
+      uintptr_t coeffs, int n_coeffs
+#define QUANT_PASS                                                                                           \
+  op, fmt, dist, out_kind, in_dtype, stochastic, paper, n, k, kb, scale_cols, group, w, q, scale, out, saturated, \
+      seed, key, query, eps, lr, sign, coeffs, n_coeffs
+
+// The quant kernel's work items on the CPU (host memory), in order; the saturation count added once.
+void host_quant(QUANT_ARGS) {
+  const zo::QuantParams p = quant_params(QUANT_PASS);
+  const int64_t items = zo::quant_items(p);
+  int64_t count = 0;
+  for (int64_t i = 0; i < items; ++i) count += zo::quant_item(p, i);
+  if (p.saturated) *reinterpret_cast<int64_t*>(p.saturated) += count;
+}
+
+void launch_quant(QUANT_ARGS, int device, uintptr_t cuda_stream) {
+  const char* err = zo::launch_quant(quant_params(QUANT_PASS), device, cuda_stream);
+  if (err) throw std::runtime_error(std::string("zokernels CUDA backend: ") + err);
+}
+
+// e4m3 grid helpers on arrays (tests against torch's float8_e4m3fn casts and the reference SR).
+void host_e4m3(uintptr_t x, uintptr_t v, uintptr_t out, int64_t n, bool stochastic) {
+  const float* xs = reinterpret_cast<const float*>(x);
+  const float* vs = reinterpret_cast<const float*>(v);
+  uint8_t* o = reinterpret_cast<uint8_t*>(out);
+  for (int64_t i = 0; i < n; ++i) o[i] = (uint8_t)(stochastic ? zo::e4m3_sr(xs[i], vs[i]) : zo::e4m3_rn(xs[i]));
+}
+
 // The kernel's grid on the CPU: same table (host memory), same chunk -> (tensor, Philox blocks) mapping,
 // threads of a CUDA block run one after another.
 void host_launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors, int64_t n_chunks,
@@ -265,6 +339,22 @@ PYBIND11_MODULE(_cuda, m) {
         py::arg("scale"), py::arg("query"), py::arg("sr_stream"), py::arg("coeffs"), py::arg("n_coeffs"),
         py::arg("restore"), py::arg("restore_scale"), py::arg("restore_query"),
         "launch_masked()'s grid run on the CPU over a host-memory table");
+  m.attr("QUANT_OPS") = py::dict(py::arg("quantize") = (int)zo::Q_QUANTIZE, py::arg("probe") = (int)zo::Q_PROBE,
+                                 py::arg("update") = (int)zo::Q_UPDATE);
+  m.attr("QUANT_FORMATS") = py::dict(py::arg("int8") = (int)zo::QF_INT8, py::arg("int4") = (int)zo::QF_INT4,
+                                     py::arg("fp8") = (int)zo::QF_FP8);
+  m.attr("QUANT_OUT_GRID") = (int)zo::QO_GRID;
+#define QUANT_PYARGS                                                                                             \
+  py::arg("op"), py::arg("fmt"), py::arg("dist"), py::arg("out_kind"), py::arg("in_dtype"), py::arg("stochastic"), \
+      py::arg("paper"), py::arg("n"), py::arg("k"), py::arg("kb"), py::arg("scale_cols"), py::arg("group"),         \
+      py::arg("w"), py::arg("q"), py::arg("scale"), py::arg("out"), py::arg("saturated"), py::arg("seed"),          \
+      py::arg("key"), py::arg("query"), py::arg("eps"), py::arg("lr"), py::arg("sign"), py::arg("coeffs"),          \
+      py::arg("n_coeffs")
+  m.def("host_quant", &host_quant, QUANT_PYARGS, "a quantized-weight op (zo_quant.cuh) run on the CPU");
+  m.def("launch_quant", &launch_quant, QUANT_PYARGS, py::arg("device"), py::arg("cuda_stream"),
+        "a quantized-weight op on the GPU, asynchronous on cuda_stream");
+  m.def("host_e4m3", &host_e4m3, py::arg("x"), py::arg("v"), py::arg("out"), py::arg("n"), py::arg("stochastic"),
+        "float32 -> e4m3fn bits: round to nearest even (torch's cast) or SR8 with uniforms v");
   m.def("device_count", &device_count, "CUDA devices visible (0 without driver or GPU)");
   m.def("probe", &probe, py::arg("device"), "'' if the kernels can run on the device, else the CUDA error");
   m.def("launch", &launch, py::arg("op"), py::arg("dtype"), py::arg("dist"), py::arg("stochastic"),

@@ -6,7 +6,8 @@ parameter set (its content is a pure function of the cache key, so a hit is alwa
 Importing this module never fails; unavailable_reason says what is missing. Called directly with CPU
 tensors, the functions below run the kernels' grid on the host (zokernels._cuda.host_launch), which is how
 the multi-tensor path is tested without a GPU; zokernels.ops never routes CPU tensors here.
-Masked ops (MaZO): masked.py, one launch per group over a table of MASK_COLS rows.
+Masked ops (MaZO): masked.py, one launch per group over a table of MASK_COLS rows. QuZO quantized-weight
+ops: quant.py, one launch per weight.
 """
 from __future__ import annotations
 
@@ -178,3 +179,4 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
 
 
 from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
+from .quant import quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO quantized-weight ops)

@@ -28,6 +28,7 @@ def main() -> None:
         if dtype != torch.float32:
             ops.stochastic_round(torch.randn(4099, device="cuda"), dtype, 1, 2, 0, (1 << 32) + 1, backend="cuda")
     _masked(offsets, keys)
+    _quant()
     for dist in ("gaussian", "rademacher"):
         ops.perturbation((4099,), 1, 2, 0, dist, 3, device="cuda", backend="cuda")
     ops.uniform((4099,), 1, 2, 0, 3, device="cuda", backend="cuda")
@@ -53,6 +54,21 @@ def _masked(offsets, keys) -> None:
             ops.masked_perturbed_copy(params, masks, 1, -1e-3, keys, query=2, outs=[p.clone() for p in params], **kw)
             ops.masked_zo_update_(params, masks, 1, keys, (0.5, -0.5), 1e-3, 0.01, restore_scale=-1e-3,
                                   restore_query=2, dist="rademacher", **kw)
+
+
+def _quant() -> None:
+    """Every quantized-weight format and op (odd K, int4 padding, saturation counters)."""
+    from ...quant import formats as F
+    from ...quant import ops as QO
+
+    w = torch.randn(1031, 203, device="cuda")
+    for fmt in ("int8", "int4", "fp8"):
+        for rounding in ("nearest", "stochastic"):
+            qw = F.quantize_weight(w, fmt, rounding=rounding, seed=1, key=2, group_size=32, backend="cuda")
+        for out_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+            QO.probe_weights(qw, 1, 2, 3, 0.5, -1, out_dtype=out_dtype, backend="cuda")
+        for form in ("single", "paper"):
+            QO.update_(qw, 1, 2, (0.5, -1.0), 1e-2, 1e-3, form, backend="cuda")
 
 
 if __name__ == "__main__":

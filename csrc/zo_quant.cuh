@@ -1,0 +1,274 @@
+// QuZO element math on quantized weights (zokernels/backends/reference/quant.py, reproduced bitwise), shared
+// by the host entry points and the device kernel. Formats: int8 [N, K]; int4 uint8 [N, Kp/2] (element 2i of a
+// row in the low nibble of byte i, padding nibbles k >= K are 0); fp8 e4m3fn bits [N, K]. Element (n, k) has
+// contract index j = n * K + k and scale s = scale[n, 0] (int8, fp8) or scale[n, k / group] (int4).
+//
+// Work items: one element (probe; int8/fp8 quantize and update) or one int4 storage byte (int4 quantize and
+// update: a thread owns both nibbles, so no two threads write one byte). Each element draws its own Philox
+// block lane (the contract's z / uniform of (key, j)): Box-Muller of the lane's pair only.
+#pragma once
+
+#include <stdint.h>
+
+#include "zo_math.cuh"
+
+namespace zo {
+
+enum QuantOp : int { Q_QUANTIZE = 0, Q_PROBE = 1, Q_UPDATE = 2 };
+enum QuantFmt : int { QF_INT8 = 0, QF_INT4 = 1, QF_FP8 = 2 };
+enum QuantOut : int { QO_F32 = 0, QO_BF16 = 1, QO_F16 = 2, QO_GRID = 3 };  // probe output: float or grid values
+constexpr uint32_t STREAM_UPDATE_SR = 3, STREAM_QUANT_SR = 4, STREAM_QUZO_PROBE = 5, STREAM_QUZO_UPDATE = 6;
+constexpr float SR_CLAMP = 1073741824.0f;  // 2^30
+constexpr float E4M3_MAX = 448.0f;
+constexpr uint32_t E4M3_MAX_BITS = 0x7E;
+
+struct QuantParams {
+  int op, fmt, dist, out_kind, in_dtype;  // in_dtype: quantize's w (F32, BF16, F16)
+  int stochastic;                         // quantize: SR (else nearest)
+  int paper;                              // update form
+  int64_t n, k, kb;                       // logical [n, k]; int4: storage bytes per row
+  int64_t scale_cols, group;              // scale [n, scale_cols]; int4 group size (else 1)
+  const void* w;                          // quantize input
+  void* q;                                // storage (quantize: output; update: in place)
+  const float* scale;
+  void* out;                              // probe output [n, k]
+  unsigned long long* saturated;          // int64 [1] counter
+  uint64_t seed, key;
+  uint32_t query;
+  float eps, lr;
+  int sign;
+  const float* coeffs;
+  int n_coeffs;
+};
+
+ZO_HD float f_div(float a, float b) {
+#ifdef __CUDA_ARCH__
+  return __fdiv_rn(a, b);
+#else
+  return a / b;
+#endif
+}
+ZO_HD float f_floor(float x) {
+#ifdef __CUDA_ARCH__
+  return floorf(x);
+#else
+  return std::floor(x);
+#endif
+}
+ZO_HD float f_rint(float x) {  // round half to even (torch.round)
+#ifdef __CUDA_ARCH__
+  return rintf(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+ZO_HD float f_abs(float x) { return u2f(f2u(x) & 0x7FFFFFFFu); }
+// torch.clamp: NaN stays NaN
+ZO_HD float f_clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
+
+// ------------------------------------------------------------------ one element's random numbers
+ZO_HD uint32_t lane_word(const U4& r, uint64_t j) {
+  const uint32_t l = (uint32_t)(j & 3u);
+  return l == 0 ? r.x : l == 1 ? r.y : l == 2 ? r.z : r.w;
+}
+
+// The dense z of (seed, key, query, j): Box-Muller of the lane's pair, cos for even lanes, sin for odd.
+ZO_HD float z_at(uint64_t seed, uint64_t key, uint32_t query, int dist, uint64_t j) {
+  const U4 r = contract_block(seed, key, query, STREAM_Z, j >> 2);
+  if (dist != GAUSSIAN) return rademacher(lane_word(r, j));
+  float z0, z1;
+  if ((j & 2u) == 0)
+    box_muller(r.x, r.y, &z0, &z1);
+  else
+    box_muller(r.z, r.w, &z0, &z1);
+  return (j & 1u) ? z1 : z0;
+}
+
+ZO_HD float v_at(uint64_t seed, uint64_t key, uint32_t query, uint32_t stream, uint64_t j) {
+  return half_open_unit(lane_word(contract_block(seed, key, query, stream, j >> 2), j));
+}
+
+// ------------------------------------------------------------------ grids
+// SRI(x, v) = floor(x) + [v < x - floor(x)] (float32 ops, then int32)
+ZO_HD int32_t sr_int(float x, float v) {
+  const float lo = f_floor(x);
+  return (int32_t)f_add(lo, v < f_sub(x, lo) ? 1.0f : 0.0f);
+}
+
+ZO_HD float e4m3_value(uint32_t b) {  // bits 0..0xFF -> float32 (0x7F / 0xFF: NaN)
+  const uint32_t sign = (b & 0x80u) << 24, e = (b >> 3) & 0xFu, m = b & 7u;
+  if (e == 0xFu && m == 7u) return u2f(sign | 0x7FC00000u);
+  if (e == 0) return u2f(sign | f2u(f_mul((float)m, 0.001953125f)));  // m * 2^-9, exact
+  return u2f(sign | ((e + 120u) << 23) | (m << 20));
+}
+
+// Round to nearest even onto e4m3fn, as torch's cast (c10 fp8e4m3fn_from_fp32_value): |x| >= 480 and NaN -> 0x7F.
+ZO_HD uint32_t e4m3_rn(float f) {
+  uint32_t bits = f2u(f);
+  const uint32_t sign = bits & 0x80000000u;
+  bits ^= sign;
+  uint32_t r;
+  if (bits >= (1087u << 20)) {
+    r = 0x7Fu;
+  } else if (bits < (121u << 23)) {  // below 2^-6: subnormal, rounded by a float add of 2^14
+    r = f2u(f_add(u2f(bits), u2f(141u << 23))) - (141u << 23);
+  } else {
+    const uint32_t odd = (bits >> 20) & 1u;
+    bits += (uint32_t)(7 - 127) * (1u << 23) + 0x7FFFFu + odd;
+    r = bits >> 20;
+  }
+  return (r & 0xFFu) | (sign >> 24);
+}
+
+// SR8 (quant.reference.sr_to_e4m3): lo = largest e4m3 <= min(|x|, 448), hi = next (<= 448); hi iff
+// v (hi - lo) < |x| - lo; sign of x kept; NaN -> NaN.
+ZO_HD uint32_t e4m3_sr(float x, float v) {
+  const uint32_t sign8 = (f2u(x) >> 24) & 0x80u;
+  if (is_nan(x)) return 0x7Fu | sign8;
+  const float a = f_abs(x);
+  const float ac = a < E4M3_MAX ? a : E4M3_MAX;
+  const uint32_t r = e4m3_rn(ac);
+  const uint32_t lo_bits = e4m3_value(r) > ac ? r - 1u : r;
+  const uint32_t hi_bits = lo_bits + 1u < E4M3_MAX_BITS ? lo_bits + 1u : E4M3_MAX_BITS;
+  const float lo = e4m3_value(lo_bits), hi = e4m3_value(hi_bits);
+  const bool up = f_mul(v, f_sub(hi, lo)) < f_sub(a, lo) && hi_bits > lo_bits;
+  return (up ? hi_bits : lo_bits) | sign8;
+}
+
+// ------------------------------------------------------------------ storage access
+ZO_HD float scale_of(const QuantParams& p, int64_t n, int64_t k) {
+  return p.scale[n * p.scale_cols + (p.fmt == QF_INT4 ? k / p.group : 0)];
+}
+
+// Grid value of element (n, k): int32 in *iv (int formats) or e4m3 bits in *bits (fp8).
+ZO_HD void load_q(const QuantParams& p, int64_t n, int64_t k, int32_t* iv, uint32_t* bits) {
+  if (p.fmt == QF_INT8) {
+    *iv = static_cast<const int8_t*>(p.q)[n * p.k + k];
+  } else if (p.fmt == QF_INT4) {
+    const uint32_t byte = static_cast<const uint8_t*>(p.q)[n * p.kb + (k >> 1)];
+    const int32_t nib = (int32_t)((k & 1) ? byte >> 4 : byte & 0xFu);
+    *iv = nib >= 8 ? nib - 16 : nib;
+  } else {
+    *bits = static_cast<const uint8_t*>(p.q)[n * p.k + k];
+  }
+}
+
+ZO_HD float load_w(const QuantParams& p, int64_t i) {
+  if (p.in_dtype == BF16) return bf16_to_f32(static_cast<const uint16_t*>(p.w)[i]);
+  if (p.in_dtype == F16) return f16_to_f32(static_cast<const uint16_t*>(p.w)[i]);
+  return static_cast<const float*>(p.w)[i];
+}
+
+ZO_HD int32_t clamp_int(int32_t x, int32_t qmax) { return x < -qmax ? -qmax : (x > qmax ? qmax : x); }
+ZO_HD int32_t qmax_int(const QuantParams& p) { return p.fmt == QF_INT4 ? 7 : 127; }
+
+// ------------------------------------------------------------------ the three ops, one element each
+// Quantize element (n, k): int value (int formats) or e4m3 bits (fp8).
+ZO_HD uint32_t quantize_elem(const QuantParams& p, int64_t n, int64_t k) {
+  const uint64_t j = (uint64_t)(n * p.k + k);
+  const float x = f_div(load_w(p, n * p.k + k), scale_of(p, n, k));
+  const float v = p.stochastic ? v_at(p.seed, p.key, 0, STREAM_QUANT_SR, j) : 0.f;
+  if (p.fmt == QF_FP8) return p.stochastic ? e4m3_sr(x, v) : e4m3_rn(f_clamp(x, -E4M3_MAX, E4M3_MAX));
+  const float qm = (float)qmax_int(p), xc = f_clamp(x, -qm, qm);
+  return (uint32_t)(p.stochastic ? sr_int(xc, v) : (int32_t)f_rint(xc));
+}
+
+// Probe weight of element (n, k), written to out; returns 1 if it saturated.
+ZO_HD int probe_elem(const QuantParams& p, int64_t n, int64_t k) {
+  const uint64_t j = (uint64_t)(n * p.k + k);
+  const float s = scale_of(p, n, k);
+  const float d = f_div(f_mul(z_at(p.seed, p.key, p.query, p.dist, j), p.eps), s);
+  const float v = v_at(p.seed, p.key, p.query, STREAM_QUZO_PROBE, j);
+  int32_t iv = 0;
+  uint32_t bits = 0;
+  load_q(p, n, k, &iv, &bits);
+  int hit;
+  float val;  // the probe weight's grid value as float32
+  uint8_t grid;
+  if (p.fmt == QF_FP8) {
+    const float x = f_add(e4m3_value(bits), f_mul(d, (float)p.sign));
+    const uint32_t pb = e4m3_sr(x, v);
+    hit = f_abs(x) > E4M3_MAX;
+    val = e4m3_value(pb);
+    grid = (uint8_t)pb;
+  } else {
+    const int32_t raw = iv + sr_int(f_clamp(d, -SR_CLAMP, SR_CLAMP), v) * p.sign;
+    const int32_t pv = clamp_int(raw, qmax_int(p));
+    hit = pv != raw;
+    val = (float)pv;
+    grid = (uint8_t)(int8_t)pv;
+  }
+  const int64_t i = n * p.k + k;
+  if (p.out_kind == QO_GRID) {
+    static_cast<uint8_t*>(p.out)[i] = grid;
+  } else {
+    const float w = f_mul(val, s);
+    if (p.out_kind == QO_F32)
+      static_cast<float*>(p.out)[i] = w;
+    else
+      static_cast<uint16_t*>(p.out)[i] = p.out_kind == QO_BF16 ? f32_to_bf16_rn(w) : f32_to_f16_rn(w);
+  }
+  return hit;
+}
+
+// Updated grid value of element (n, k): int value or e4m3 bits; *hit = 1 if it saturated.
+ZO_HD uint32_t update_elem(const QuantParams& p, int64_t n, int64_t k, int* hit) {
+  const uint64_t j = (uint64_t)(n * p.k + k);
+  const float s = scale_of(p, n, k);
+  float acc = 0.f;
+  for (int qi = 0; qi < p.n_coeffs; ++qi) {
+    const float z = z_at(p.seed, p.key, (uint32_t)qi, p.dist, j);
+    float term;
+    if (!p.paper) {
+      term = f_mul(z, p.coeffs[qi]);
+    } else {
+      const float d = f_div(f_mul(z, p.eps), s);
+      const float v2 = v_at(p.seed, p.key, (uint32_t)qi, STREAM_QUZO_UPDATE, j);
+      const float d2 = p.fmt == QF_FP8 ? e4m3_value(e4m3_sr(d, v2)) : (float)sr_int(f_clamp(d, -SR_CLAMP, SR_CLAMP), v2);
+      term = f_mul(d2, p.coeffs[qi]);
+    }
+    acc = qi ? f_add(acc, term) : term;
+  }
+  const float x = p.n_coeffs == 0 ? 0.f : f_div(f_mul(acc, p.lr), p.paper ? p.eps : s);
+  const float v = v_at(p.seed, p.key, 0, STREAM_UPDATE_SR, j);
+  int32_t iv = 0;
+  uint32_t bits = 0;
+  load_q(p, n, k, &iv, &bits);
+  if (p.fmt == QF_FP8) {
+    const float y = f_sub(e4m3_value(bits), x);
+    *hit = f_abs(y) > E4M3_MAX;
+    return e4m3_sr(y, v);
+  }
+  const int32_t raw = iv - sr_int(f_clamp(x, -SR_CLAMP, SR_CLAMP), v);
+  const int32_t nv = clamp_int(raw, qmax_int(p));
+  *hit = nv != raw;
+  return (uint32_t)nv;
+}
+
+// Work items of an op: elements, or int4 storage bytes for the ops that write int4 storage.
+ZO_HD bool byte_items(const QuantParams& p) { return p.fmt == QF_INT4 && p.op != Q_PROBE; }
+ZO_HD int64_t quant_items(const QuantParams& p) { return byte_items(p) ? p.n * p.kb : p.n * p.k; }
+
+// Work item i; returns the number of saturated elements.
+ZO_HD int quant_item(const QuantParams& p, int64_t i) {
+  if (p.op == Q_PROBE) return probe_elem(p, i / p.k, i % p.k);
+  int hit = 0;
+  if (byte_items(p)) {
+    const int64_t n = i / p.kb, k0 = (i % p.kb) * 2;
+    uint32_t nib[2] = {0u, 0u};
+    for (int h = 0; h < 2; ++h) {
+      if (k0 + h >= p.k) break;  // padding nibble: 0
+      int e = 0;
+      nib[h] = (p.op == Q_QUANTIZE ? quantize_elem(p, n, k0 + h) : update_elem(p, n, k0 + h, &e)) & 0xFu;
+      hit += e;
+    }
+    static_cast<uint8_t*>(p.q)[i] = (uint8_t)(nib[0] | (nib[1] << 4));
+    return hit;
+  }
+  const int64_t n = i / p.k, k = i % p.k;
+  const uint32_t val = p.op == Q_QUANTIZE ? quantize_elem(p, n, k) : update_elem(p, n, k, &hit);
+  static_cast<uint8_t*>(p.q)[i] = (uint8_t)val;  // int8 two's complement or e4m3 bits
+  return hit;
+}
+
+}  // namespace zo
