@@ -10,6 +10,10 @@ across a rounding boundary: there, at most 1% of the elements may differ, by one
 """
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -194,6 +198,29 @@ def test_update_gaussian_and_no_queries():
         assert torch.equal(_bits(q.q), _bits(qw.q)) and int(sat) == 0
 
 
+@needs_triton
+def test_int4_writes_when_k_is_a_multiple_of_4():
+    """K % 4 == 0 (every LLM shape): int4 quantize / update write whole Philox blocks (byte pairs assembled
+    in the tile) instead of the per-byte gather path; K = 100 with groups of 32 still ends in padding."""
+    g = torch.Generator().manual_seed(5)
+    w = (torch.randn(29, 100, generator=g) * 0.05).to(DEVICE)
+    for rounding in ("nearest", "stochastic"):
+        ref = quant.quantize_weight(w, "int4", rounding=rounding, seed=2, key=3, group_size=32, backend="reference")
+        tri = quant.quantize_weight(w, "int4", rounding=rounding, seed=2, key=3, group_size=32, backend="triton")
+        assert torch.equal(tri.q, ref.q) and tri.q.shape == (29, 64)
+    out = torch.full_like(ref.q, 0xFF)     # padding bytes are written as 0 whatever the buffer held
+    registry._load("triton").quant_quantize(w, ref.scale, "int4", 32, "stochastic", 2, 3, out)
+    assert torch.equal(out, ref.q)
+    for form in ("single", "paper"):
+        res = []
+        for backend in ("reference", "triton"):
+            q = _clone(ref)
+            sat = QO.update_(q, 6, 7, [1.1, -0.4], LR["int4"], EPS["int4"], form, "rademacher", backend=backend)
+            res.append((q.q, int(sat)))
+        assert torch.equal(res[0][0], res[1][0]) and res[0][1] == res[1][1] > 0, form
+        assert not torch.equal(res[1][0], ref.q)
+
+
 # ----------------------------------------------------------------------------- dispatch, QuZO
 def test_backend_choice():
     assert QO.quant_backend(torch.device("cpu")).NAME == "reference"   # the interpreter is never automatic
@@ -235,6 +262,56 @@ def test_quzo_triton_matches_reference_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(runs["auto"][2], runs["triton"][2]))
     model, _ = _mlp("int4")
     assert not all(torch.equal(a, m.qweight) for a, (_, m) in zip(runs["triton"][2], quant.quant_layers(model)))
+
+
+# ----------------------------------------------------------------------------- sm_90 compile (no GPU)
+_COMPILE = r"""
+import triton
+from triton.backends.compiler import GPUTarget
+from zokernels.backends.triton import quant_kernels as QK
+def ptx(fn, ptrs, consts):
+    sig = {n: ptrs.get(n, "constexpr" if n in consts else ("fp32" if n in ("eps", "lr") else "i32"))
+           for n in fn.arg_names}
+    c = triton.compile(triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "enable_fp_fusion": False})
+    assert len(c.asm["cubin"]) > 0
+    return c.asm["ptx"]
+t = {"BLOCKS": 256, "PRECISE": True}
+cases = [
+    ("quantize int4 bf16 SR", QK.quantize_kernel, {"w_ptr": "*i16", "scale_ptr": "*fp32", "out_ptr": "*u8"},
+     {"QMAX": 7, "FMT": 1, "GROUP": 128, "KIND": 1, "STOCHASTIC": True, "QUAD": True, **t}),
+    ("probe fp8 -> bf16", QK.probe_kernel, {"q_ptr": "*u8", "scale_ptr": "*fp32", "out_ptr": "*i16", "sat_ptr": "*i64"},
+     {"QMAX": 448.0, "FMT": 2, "GROUP": 1, "OUT": 1, "GAUSSIAN": True, **t}),
+    ("update int4 paper", QK.update_kernel, {"q_ptr": "*u8", "scale_ptr": "*fp32", "coeff_ptr": "*fp32",
+     "sat_ptr": "*i64"}, {"QMAX": 7, "FMT": 1, "GROUP": 64, "PAPER": True, "GAUSSIAN": True, "QUAD": False, **t}),
+]
+for name, fn, ptrs, consts in cases:
+    p = ptx(fn, ptrs, consts)
+    print(name, p.count("div.rn.f32"), p.count("div.full.f32"), p.count("atom.global"), sep="|")
+"""
+
+
+def test_triton_quant_kernels_compile_for_sm90():
+    """Without a GPU: the quant kernels compile for sm_90 down to a cubin (catches GPU-only compile errors),
+    every float32 division is IEEE div.rn (plain `/` would be the approximate div.full), and the probe and
+    update kernels count saturation with a global atomic."""
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"triton's CUDA backend is not importable: {e}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.update(PYTHONPATH=root)
+    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
+                          timeout=600)
+    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+        pytest.skip("triton's bundled ptxas is missing")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [line.split("|") for line in proc.stdout.strip().splitlines()]
+    assert len(rows) == 3, proc.stdout
+    for name, div_rn, div_full, atomics in rows:
+        assert int(div_rn) > 0 and int(div_full) == 0, (name, proc.stdout)
+        assert int(atomics) >= (0 if name.startswith("quantize") else 1), (name, proc.stdout)
 
 
 # ----------------------------------------------------------------------------- GPU

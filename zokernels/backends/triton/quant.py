@@ -74,13 +74,16 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
     n, k = w.shape
     kb, scols, group = _geometry(out, scale, fmt, group_size)
     blocks = _blocks(w.device, n * k)
-    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" else _tile_programs(n * k, blocks)
+    quad = fmt == "int4" and k % 4 == 0
+    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" and not quad else _tile_programs(n * k, blocks)
     if programs == 0:
         return
+    if quad and kb * 2 > k:
+        out[:, k // 2:].zero_()   # padding bytes: the tile path writes only the bytes of real columns
     _launch(qk.quantize_kernel, (programs,), w.device, _pointer(w), scale, _storage(out), n, k, kb, scols,
             *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_QUANT_SR),
             QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, KIND=_KIND[w.dtype], STOCHASTIC=rounding == "stochastic",
-            BLOCKS=blocks)
+            QUAD=quad, BLOCKS=blocks)
 
 
 def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
@@ -109,11 +112,12 @@ def quant_update_(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[i
     n, k = shape
     kb, scols, group = _geometry(q, scale, fmt, group_size)
     blocks = _blocks(q.device, n * k)
-    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" else _tile_programs(n * k, blocks)
+    quad = fmt == "int4" and k % 4 == 0
+    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" and not quad else _tile_programs(n * k, blocks)
     if programs == 0:
         return
     c = torch.tensor(list(coeffs) or [0.0], dtype=torch.float32).to(q.device)
     _launch(qk.update_kernel, (programs,), q.device, _storage(q), scale, c, saturated, len(coeffs), n, k, kb, scols,
             *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_UPDATE_SR), _f32(lr), _f32(eps),
             QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, PAPER=form == "paper", GAUSSIAN=dist == "gaussian",
-            BLOCKS=blocks)
+            QUAD=quad, BLOCKS=blocks)

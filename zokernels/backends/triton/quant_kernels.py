@@ -6,7 +6,10 @@ Addressing (all index math int64, tails masked):
   tile  (int8, fp8, and int4 reads): program p covers Philox blocks p * BLOCKS .. + BLOCKS - 1 as a
         [BLOCKS, 4] tile of logical elements j = 4 b + lane (one Philox call serves 4 elements, as in
         kernels.py); n = j // K, k = j - n K. int4 reads fetch the byte n * KB + k // 2 and its nibble.
-  pairs (int4 writes: quantize, update): program element = one storage byte (n, i) of the packed
+  quads (int4 writes when K % 4 == 0, the LLM case): the tile as above; Philox block b is the columns
+        4m .. 4m + 3 of one row, i.e. storage bytes 2m and 2m + 1, assembled from the lanes and written by
+        this program only.
+  pairs (int4 writes otherwise: quantize, update): program element = one storage byte (n, i) of the packed
         [N, KB] rows, i.e. the logical elements k = 2i, 2i + 1, both computed by the same program
         element, so no two programs write one byte; nibbles at k >= K (padding) are written as 0.
         z / v of element j come from the Philox block j >> 2 and its lane (gather; 2 Philox calls
@@ -200,6 +203,21 @@ def _load_grid(q_ptr, n, k, j, mask, KB, FMT: tl.constexpr):
 
 
 @triton.jit
+def _store_int4_tile(q_ptr, b, vals, mask, NK, K, KB):
+    """int4 writes of a tile when K % 4 == 0: Philox block b holds columns 4m .. 4m + 3 of one row, i.e. the
+    storage bytes 2m (lanes 0, 1) and 2m + 1 (lanes 2, 3), which no other program writes."""
+    lane = tl.arange(0, 4)[None, :]
+    nib = tl.where(mask, vals & 0xF, 0) << ((lane & 1) * 4)
+    lo = tl.sum(tl.where(lane < 2, nib, 0), axis=1)
+    hi = tl.sum(tl.where(lane >= 2, nib, 0), axis=1)
+    j0 = b * 4
+    n0 = j0 // K
+    addr = q_ptr + n0 * KB + ((j0 - n0 * K) >> 1)
+    tl.store(addr, lo.to(tl.uint8), mask=j0 < NK)
+    tl.store(addr + 1, hi.to(tl.uint8), mask=j0 < NK)
+
+
+@triton.jit
 def _count(sat_ptr, hit, mask):
     tl.atomic_add(sat_ptr, tl.sum(tl.where(mask & hit, 1, 0)).to(tl.int64))
 
@@ -267,12 +285,13 @@ def _updated(qv, x, v, QMAX: tl.constexpr, FMT: tl.constexpr):
 @triton.jit(do_not_specialize=["N", "K", "KB", "SCOLS", "seed_lo", "seed_hi", "key_lo", "key_hi"])
 def quantize_kernel(w_ptr, scale_ptr, out_ptr, N, K, KB, SCOLS, seed_lo, seed_hi, key_lo, key_hi, c1_sr,
                     QMAX: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr, KIND: tl.constexpr,
-                    STOCHASTIC: tl.constexpr, BLOCKS: tl.constexpr, PRECISE: tl.constexpr):
-    """out <- storage of R(w / s): RNE or SR (uniforms of c1_sr = STREAM_QUANT_SR, query 0)."""
+                    STOCHASTIC: tl.constexpr, QUAD: tl.constexpr, BLOCKS: tl.constexpr, PRECISE: tl.constexpr):
+    """out <- storage of R(w / s): RNE or SR (uniforms of c1_sr = STREAM_QUANT_SR, query 0). int4: tile
+    path when QUAD (K % 4 == 0; the host zeroes the padding bytes), else byte pairs."""
     k0, k1 = _key_words(seed_lo, seed_hi)
     kl, kh = _key_words(key_lo, key_hi)
     c1 = c1_sr.to(tl.uint32, bitcast=True)
-    if FMT == 1:
+    if FMT == 1 and not QUAD:
         # pairs: program element = storage byte (n, i) of [N, KB]
         byte = tl.program_id(0).to(tl.int64) * (BLOCKS * 4) + tl.arange(0, BLOCKS * 4).to(tl.int64)
         bmask = byte < N.to(tl.int64) * KB
@@ -293,9 +312,11 @@ def quantize_kernel(w_ptr, scale_ptr, out_ptr, N, K, KB, SCOLS, seed_lo, seed_hi
             packed = packed | (tl.where(m, r & 0xF, 0) << (4 * e))
         tl.store(out_ptr + byte, packed.to(tl.uint8), mask=bmask)
     else:
-        b, j, mask = _tile_elements(N.to(tl.int64) * K, BLOCKS)
+        NK = N.to(tl.int64) * K
+        b, j, mask = _tile_elements(NK, BLOCKS)
         n = j // K
-        x = tl.div_rn(_load_f32(w_ptr + j, mask, KIND), tl.load(scale_ptr + n * SCOLS, mask=mask, other=1.0))
+        s = tl.load(scale_ptr + _scale_index(n, j - n * K, SCOLS, GROUP, FMT), mask=mask, other=1.0)
+        x = tl.div_rn(_load_f32(w_ptr + j, mask, KIND), s)
         if STOCHASTIC:
             v = _v_tile(b, c1, kl, kh, k0, k1)
         else:
@@ -303,11 +324,14 @@ def quantize_kernel(w_ptr, scale_ptr, out_ptr, N, K, KB, SCOLS, seed_lo, seed_hi
         r = _quantize_value(x, v, QMAX, FMT, STOCHASTIC)
         if FMT == 0:
             tl.store(out_ptr + j, r.to(tl.int8), mask=mask)
+        elif FMT == 1:
+            _store_int4_tile(out_ptr, b, r, mask, NK, K, KB)
         else:
             tl.store(out_ptr + j, r.to(tl.uint8), mask=mask)
 
 
-@triton.jit(do_not_specialize=["N", "K", "KB", "SCOLS", "seed_lo", "seed_hi", "key_lo", "key_hi", "c1_z", "c1_v", "sign"])
+@triton.jit(do_not_specialize=["N", "K", "KB", "SCOLS", "seed_lo", "seed_hi", "key_lo", "key_hi", "c1_z", "c1_v",
+                                "sign"])
 def probe_kernel(q_ptr, scale_ptr, out_ptr, sat_ptr, N, K, KB, SCOLS, seed_lo, seed_hi, key_lo, key_hi,
                  c1_z, c1_v, eps, sign, QMAX: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
                  OUT: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCKS: tl.constexpr, PRECISE: tl.constexpr):
@@ -346,12 +370,14 @@ def probe_kernel(q_ptr, scale_ptr, out_ptr, sat_ptr, N, K, KB, SCOLS, seed_lo, s
                                 "c1_sr"])
 def update_kernel(q_ptr, scale_ptr, coeff_ptr, sat_ptr, n_coeffs, N, K, KB, SCOLS, seed_lo, seed_hi,
                   key_lo, key_hi, c1_sr, lr, eps, QMAX: tl.constexpr, FMT: tl.constexpr, GROUP: tl.constexpr,
-                  PAPER: tl.constexpr, GAUSSIAN: tl.constexpr, BLOCKS: tl.constexpr, PRECISE: tl.constexpr):
-    """q <- Q(q - x) in place (x: _update_target; Q: SR with c1_sr = STREAM_UPDATE_SR, query 0); sat += clamped."""
+                  PAPER: tl.constexpr, GAUSSIAN: tl.constexpr, QUAD: tl.constexpr, BLOCKS: tl.constexpr,
+                  PRECISE: tl.constexpr):
+    """q <- Q(q - x) in place (x: _update_target; Q: SR with c1_sr = STREAM_UPDATE_SR, query 0);
+    sat += clamped. int4: tile path when QUAD (K % 4 == 0), else byte pairs with gathered Philox words."""
     k0, k1 = _key_words(seed_lo, seed_hi)
     kl, kh = _key_words(key_lo, key_hi)
     c1 = c1_sr.to(tl.uint32, bitcast=True)
-    if FMT == 1:
+    if FMT == 1 and not QUAD:
         byte = tl.program_id(0).to(tl.int64) * (BLOCKS * 4) + tl.arange(0, BLOCKS * 4).to(tl.int64)
         bmask = byte < N.to(tl.int64) * KB
         n = byte // KB
@@ -371,15 +397,19 @@ def update_kernel(q_ptr, scale_ptr, coeff_ptr, sat_ptr, n_coeffs, N, K, KB, SCOL
             packed = packed | (tl.where(m, new & 0xF, 0) << (4 * e))
         tl.store(q_ptr + byte, packed.to(tl.uint8), mask=bmask)
     else:
-        b, j, mask = _tile_elements(N.to(tl.int64) * K, BLOCKS)
+        NK = N.to(tl.int64) * K
+        b, j, mask = _tile_elements(NK, BLOCKS)
         n = j // K
-        s = tl.load(scale_ptr + n * SCOLS, mask=mask, other=1.0)
+        k = j - n * K
+        s = tl.load(scale_ptr + _scale_index(n, k, SCOLS, GROUP, FMT), mask=mask, other=1.0)
         x = _update_target(b, j, s, coeff_ptr, n_coeffs, lr, eps, kl, kh, k0, k1, FMT, PAPER, GAUSSIAN,
                            PRECISE, False)
         v = _v_tile(b, c1, kl, kh, k0, k1)
-        new, hit = _updated(_load_grid(q_ptr, n, j - n * K, j, mask, KB, FMT), x, v, QMAX, FMT)
+        new, hit = _updated(_load_grid(q_ptr, n, k, j, mask, KB, FMT), x, v, QMAX, FMT)
         _count(sat_ptr, hit, mask)
         if FMT == 0:
             tl.store(q_ptr + j, new.to(tl.int8), mask=mask)
+        elif FMT == 1:
+            _store_int4_tile(q_ptr, b, new, mask, NK, K, KB)
         else:
             tl.store(q_ptr + j, new.to(tl.uint8), mask=mask)
