@@ -5,7 +5,8 @@ and M = quant_tokens tokens (16 x 256), FLOPs = 2 M N K, TFLOP/s = FLOPs / media
 
     bf16 torch.matmul                  x bf16 @ W bf16^T (cuBLAS), the unquantized baseline
     W8A8   triton / torch._int_mm      int8 x int8 -> int32, dequant + bias epilogue (torch: epilogue in torch)
-    FP8    triton / torch._scaled_mm   e4m3 x e4m3 -> fp32 (torch: unit scales, fp32 out, epilogue in torch)
+    FP8    triton / torch._scaled_mm   e4m3 x e4m3 -> fp32 (torch: unit scales, fp32 out, epilogue in torch);
+                                       triton fast-accum: no float32 promotion of the sm_90 fp8 sums
            torch._scaled_mm rowwise    cuBLAS with the per-token / per-channel scales fused, bf16 out
     W4A16  triton / torch              bf16 x int4 (group 128) unpacked in the mainloop; torch: dequantize
                                        the whole weight to bf16, then cuBLAS
@@ -160,6 +161,9 @@ def run_matmul_shape(cfg: Config, res: Results, name: str, m: int, n: int, k: in
     # FP8
     case("FP8 triton", "fp8", "kernel",
          lambda: T.fp8(xqf, xsf, qf.q, qf.scale, bias, out_dtype=torch.bfloat16), _triton_skip("fp8", dev))
+    case("FP8 triton fast-accum", "fp8", "kernel", lambda: T.fp8(xqf, xsf, qf.q, qf.scale, bias,
+                                                               out_dtype=torch.bfloat16, fast_accum=True),
+         _triton_skip("fp8", dev), "sm_90 fp8 sums never promoted to float32 (Triton's default)")
     no_scaled = None if MM.scaled_mm_available(dev) else "torch._scaled_mm does not run e4m3 here"
     case("FP8 torch._scaled_mm", "fp8", "kernel",
          lambda: MM.fp8_matmul(xqf, xsf, qf.q, qf.scale, bias, "torch", out_dtype=torch.bfloat16), no_scaled,

@@ -73,6 +73,21 @@ def test_fp8_matmul_vs_float64(backend):
     assert float(xq.float().abs().amax(dim=1).min()) == R.E4M3_MAX   # each row's amax sits on 448
 
 
+@pytest.mark.skipif(NEEDS_TRITON is not None, reason=str(NEEDS_TRITON))
+def test_fp8_triton_fast_accum_and_tiles():
+    """fast_accum (Triton's default fp8 accumulation; only sm_90 hardware differs) and pinned tiles with
+    K tiles that cross the 203 tail; bf16 output."""
+    _, xq, xs, qw, b = _fp8_operands(3)
+    exact = MM.fp8_matmul(xq, xs, qw.q, qw.scale, b, "reference")
+    for fast, tiles in ((True, None), (False, (16, 32, 64))):
+        y = T.fp8(xq, xs, qw.q, qw.scale, b, tiles=tiles, fast_accum=fast)
+        torch.testing.assert_close(y, exact, rtol=1e-5, atol=1e-5)
+    y16 = T.fp8(xq, xs, qw.q, qw.scale, b, out_dtype=torch.float16)
+    torch.testing.assert_close(y16, exact.half(), rtol=1e-3, atol=1e-3)
+    with pytest.raises(TypeError, match="float8_e4m3fn"):
+        T.fp8(xq.float(), xs, qw.q, qw.scale, b)
+
+
 def test_fp8_reference_is_exact_and_zero_rows():
     """The reference sums e4m3 products in float64 (exact); an all-zero token row gets scale 1, output b."""
     _, xq, xs, qw, b = _fp8_operands(2)
@@ -142,8 +157,8 @@ def test_autotuned_launch_wiring():
     _, xq, xs, qf, bf = _fp8_operands(12)
     out = torch.empty(M, N)
     args = (xq, qf.q, xs, qf.scale.reshape(-1), bf, out, M, N, K, 32, xq.stride(0), qf.q.stride(0), out.stride(0))
-    T._launch("scaled_dot", ((32, 16, 32, 4, 1),), 0, None, args, M, N, {"IS_INT": False, "HAS_BIAS": True},
-              xq.device, autotune=True)
+    T._launch("scaled_dot", ((32, 16, 32, 4, 1),), 0, None, args, M, N,
+              {"IS_INT": False, "HAS_BIAS": True, "FAST_ACC": False}, xq.device, autotune=True)
     torch.testing.assert_close(out, MM.fp8_matmul(xq, xs, qf.q, qf.scale, bf, "reference"), rtol=1e-5, atol=1e-5)
     assert T._pow2_at_least(1) == 1 and T._pow2_at_least(17) == 32 and T._pow2_at_least(4096) == 4096
 
@@ -275,7 +290,8 @@ def compile_(fn, ptrs, consts):
 tiles = {"BM": 128, "BN": 128, "BK": 64}
 for et, is_int in (("*i8", True), ("*fp8e4nv", False)):
     ptrs = {"a_ptr": et, "b_ptr": et, "sa_ptr": "*fp32", "sb_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16"}
-    print("scaled_dot", et, compile_(ks["scaled_dot"], ptrs, {"IS_INT": is_int, "HAS_BIAS": True, **tiles}))
+    print("scaled_dot", et, compile_(ks["scaled_dot"], ptrs, {"IS_INT": is_int, "HAS_BIAS": True, "FAST_ACC": False,
+                                                          **tiles}))
 ptrs = {"x_ptr": "*bf16", "p_ptr": "*u8", "s_ptr": "*fp32", "bias_ptr": "*fp32", "c_ptr": "*bf16"}
 print("w4a16 bf16", compile_(ks["w4a16"], ptrs, {"GROUP": 128, "IEEE": False, "HAS_BIAS": True, **tiles}))
 """

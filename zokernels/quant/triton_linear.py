@@ -59,8 +59,8 @@ def _build() -> dict | None:
 
     @triton.jit
     def scaled_dot_kernel(a_ptr, b_ptr, sa_ptr, sb_ptr, bias_ptr, c_ptr, M, N, K, M_BUCKET, stride_am, stride_bn,
-                          stride_cm, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, BM: tl.constexpr,
-                          BN: tl.constexpr, BK: tl.constexpr):
+                          stride_cm, IS_INT: tl.constexpr, HAS_BIAS: tl.constexpr, FAST_ACC: tl.constexpr,
+                          BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr):
         rm = tl.program_id(0).to(tl.int64) * BM + tl.arange(0, BM).to(tl.int64)
         rn = tl.program_id(1).to(tl.int64) * BN + tl.arange(0, BN).to(tl.int64)
         rk = tl.arange(0, BK).to(tl.int64)
@@ -77,8 +77,10 @@ def _build() -> dict | None:
             b = tl.load(b_ptr + rn[None, :] * stride_bn + kk[:, None], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
             if IS_INT:
                 acc += tl.dot(a, b, out_dtype=tl.int32)
-            else:
+            elif FAST_ACC:
                 acc = tl.dot(a, b, acc)
+            else:  # sm_90: promote the tensor cores' reduced-precision fp8 sums to float32 every K tile
+                acc = tl.dot(a, b, acc, max_num_imprecise_acc=BK)
         sa = tl.load(sa_ptr + rm, mask=m_ok, other=0.0)
         sb = tl.load(sb_ptr + rn, mask=n_ok, other=0.0)
         y = acc.to(tl.float32) * sa[:, None] * sb[None, :]
@@ -181,7 +183,7 @@ def _launch(name: str, configs: tuple, group: int, tiles, args: tuple, m: int, n
 
 
 def _scaled_dot(kind: str, xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-                bias: torch.Tensor | None, out_dtype: torch.dtype, tiles) -> torch.Tensor:
+                bias: torch.Tensor | None, out_dtype: torch.dtype, tiles, fast_accum: bool = False) -> torch.Tensor:
     _check(kind, xq.device)
     xq, wq = xq.contiguous(), wq.contiguous()
     m, k = xq.shape
@@ -194,7 +196,7 @@ def _scaled_dot(kind: str, xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Te
     b = bias.to(torch.float32).contiguous() if bias is not None else sb
     args = (xq, wq, sa, sb, b, out, m, n, k, _pow2_at_least(m), xq.stride(0), wq.stride(0), out.stride(0))
     _launch("scaled_dot", SCALED_DOT_CONFIGS, 0, tiles, args, m, n,
-            {"IS_INT": kind == "w8a8", "HAS_BIAS": bias is not None}, xq.device)
+            {"IS_INT": kind == "w8a8", "HAS_BIAS": bias is not None, "FAST_ACC": fast_accum}, xq.device)
     return out
 
 
@@ -208,12 +210,15 @@ def w8a8(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: tor
 
 
 def fp8(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
-        bias: torch.Tensor | None, out_dtype: torch.dtype = torch.float32, tiles=None) -> torch.Tensor:
+        bias: torch.Tensor | None, out_dtype: torch.dtype = torch.float32, tiles=None,
+        fast_accum: bool = False) -> torch.Tensor:
     """y = (xq @ wq^T) * x_scale[:, None] * w_scale[None, :] + bias; xq [M, K], wq [N, K] float8_e4m3fn;
-    e4m3 x e4m3 products accumulated in float32."""
+    e4m3 x e4m3 products accumulated in float32. On sm_90 the wgmma sums are promoted to float32 every K
+    tile (max_num_imprecise_acc=BK); fast_accum=True leaves them in the tensor cores' reduced-precision
+    accumulator for the whole K (Triton's default for fp8; faster, less accurate)."""
     if xq.dtype != torch.float8_e4m3fn or wq.dtype != torch.float8_e4m3fn:
         raise TypeError(f"fp8 takes float8_e4m3fn operands, got {xq.dtype} and {wq.dtype}")
-    return _scaled_dot("fp8", xq, x_scale, wq, w_scale, bias, out_dtype, tiles)
+    return _scaled_dot("fp8", xq, x_scale, wq, w_scale, bias, out_dtype, tiles, fast_accum)
 
 
 W4A16_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
