@@ -117,6 +117,26 @@ def test_quantize_matches_reference(fmt):
         assert not bool(R.unpack_int4(tri.q)[:, K:].any())
 
 
+@needs_triton
+def test_quantize_fp8_special_values():
+    """e4m3 rounding in integer arithmetic vs torch's casts (reference): every e4m3 value, the midpoints
+    between neighbours and one float32 ulp either side of them, subnormals, 448 and beyond, inf, NaN, -0."""
+    g = torch.Generator().manual_seed(0)
+    grid = torch.arange(0, 0x7F, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    mids = (grid[:-1] + grid[1:]) / 2
+    vals = torch.cat([grid, mids, mids.nextafter(torch.tensor(0.0)), mids.nextafter(torch.tensor(1e9)),
+                      torch.rand(500, generator=g) * 2**-6, torch.rand(500, generator=g) * 600,
+                      torch.tensor([449.0, 464.0, 480.0, 1e30, float("inf"), float("nan"), 2**-10, 1e-40])])
+    vals = torch.cat([vals, -vals, torch.tensor([-0.0])])
+    w = torch.nn.functional.pad(vals, (0, (-vals.numel()) % 101)).reshape(-1, 101).to(DEVICE)
+    scale = torch.ones(w.shape[0], 1, device=DEVICE)
+    for rounding in ("nearest", "stochastic"):
+        outs = [torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(2)]
+        for out, name in zip(outs, ("reference", "triton")):
+            registry._load(name).quant_quantize(w, scale, "fp8", 0, rounding, 1, 2, out)
+        assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8)), rounding
+
+
 # ----------------------------------------------------------------------------- probes
 @needs_triton
 @pytest.mark.parametrize("fmt", quant.FORMATS)
