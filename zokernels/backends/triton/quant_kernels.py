@@ -111,7 +111,8 @@ def _e4m3_decode(bits):
     """float32 value of e4m3 bits (int32 0..255); 0x7F / 0xFF are NaN."""
     mag = bits & 0x7F
     val = _e4m3_value(tl.minimum(mag, 0x7E))
-    val = tl.where(mag == 0x7F, float("nan"), val)
+    nan = (mag * 0 + 0x7FC00000).to(tl.float32, bitcast=True)   # a NaN constexpr global trips triton's checks
+    val = tl.where(mag == 0x7F, nan, val)
     return tl.where((bits & 0x80) != 0, -val, val)
 
 
@@ -244,7 +245,7 @@ def _quantize_value(x, v, QMAX: tl.constexpr, FMT: tl.constexpr, STOCHASTIC: tl.
 def _update_target(b, j, s, coeff_ptr, n_coeffs, lr, eps, key_lo, key_hi, k0, k1, FMT: tl.constexpr,
                    PAPER: tl.constexpr, GAUSSIAN: tl.constexpr, PRECISE: tl.constexpr, GATHER: tl.constexpr):
     """x: single (sum_q z_q c_q) * lr / s; paper (sum_q D2_q c_q) * lr / eps, D2_q = Q2((z_q eps) / s)."""
-    acc = tl.zeros(s.shape, dtype=tl.float32)
+    acc = tl.zeros_like(s)
     for qi in range(0, n_coeffs):
         c = tl.load(coeff_ptr + qi)
         c1z = tl.cast(qi, tl.uint32) << 16   # stream 0 (STREAM_Z); qi is a python int under the interpreter
