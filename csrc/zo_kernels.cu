@@ -32,10 +32,7 @@ template <int OP, int DT, int DIST, bool STOCH>
 __global__ void __launch_bounds__(THREADS) zo_masked_kernel(const int64_t* __restrict__ table, int n_tensors,
                                                             OpParams p) {
   const MaskWork w = mask_chunk_work(table, n_tensors, blockIdx.x, MASK_CHUNK_ITEMS);
-  with_format(w.m.format, [&](auto fmt) {
-    for (int64_t i = w.first + threadIdx.x; i < w.last; i += THREADS)
-      process_mask_item<OP, DT, DIST, STOCH, decltype(fmt)::value>(w.m, p, i);
-  });
+  for (int64_t i = w.first + threadIdx.x; i < w.last; i += THREADS) process_mask_item<OP, DT, DIST, STOCH>(w.m, p, i);
 }
 
 // Quantized-weight ops: QUANT_ITEMS_PER_THREAD work items per thread, THREADS apart; the saturation count is

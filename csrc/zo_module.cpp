@@ -180,6 +180,13 @@ void launch_masked(int op, int dtype, int dist, bool stochastic, uintptr_t table
               coeffs, n_coeffs, restore, restore_scale, restore_query, device, cuda_stream);
 }
 
+// Table row of CUDA block `chunk` (the last row whose first chunk <= chunk).
+int64_t chunk_row(const int64_t* table, int n_tensors, int64_t chunk) {
+  int64_t row = 0;
+  while (row + 1 < n_tensors && table[(row + 1) * zo::MASK_COLS + zo::COL_CHUNK0] <= chunk) ++row;
+  return row;
+}
+
 // launch_masked()'s grid on the CPU over a host-memory table: same chunk -> (tensor, work items) mapping.
 void host_masked_launch(int op, int dtype, int dist, bool stochastic, uintptr_t table, int n_tensors,
                         int64_t n_chunks, uint64_t seed, float scale, uint32_t query, uint32_t sr_stream,
@@ -188,20 +195,20 @@ void host_masked_launch(int op, int dtype, int dist, bool stochastic, uintptr_t 
   const zo::LaunchArgs a = launch_args(op, dtype, dist, stochastic, table, n_tensors, n_chunks, seed, scale,
                                        query, 0, sr_stream, coeffs, n_coeffs, restore, restore_scale, restore_query);
   const zo::OpParams p = zo::op_params(a);
-  bool formats_ok = true;
+  for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
+    const int format = (int)(a.table[chunk_row(a.table, n_tensors, chunk) * zo::MASK_COLS + zo::MCOL_FORMAT] & 0xFF);
+    if (format < zo::MASK_ROWS || format > zo::MASK_BITS) throw py::value_error("unknown mask format in the table");
+  }
   const bool known = zo::dispatch(op, dtype, dist, stochastic, [&](auto op_c, auto dt_c, auto dist_c, auto st_c) {
     for (int64_t chunk = 0; chunk < n_chunks; ++chunk) {
       const zo::MaskWork w = zo::mask_chunk_work(a.table, n_tensors, chunk, zo::MASK_CHUNK_ITEMS);
-      formats_ok = formats_ok && zo::with_format(w.m.format, [&](auto fmt) {
-        for (int thread = 0; thread < zo::THREADS; ++thread)
-          for (int64_t i = w.first + thread; i < w.last; i += zo::THREADS)
-            zo::process_mask_item<decltype(op_c)::value, decltype(dt_c)::value, decltype(dist_c)::value,
-                                  decltype(st_c)::value, decltype(fmt)::value>(w.m, p, i);
-      });
+      for (int thread = 0; thread < zo::THREADS; ++thread)
+        for (int64_t i = w.first + thread; i < w.last; i += zo::THREADS)
+          zo::process_mask_item<decltype(op_c)::value, decltype(dt_c)::value, decltype(dist_c)::value,
+                                decltype(st_c)::value>(w.m, p, i);
     }
   });
   if (!known) throw py::value_error("unsupported op/dtype/dist combination");
-  if (!formats_ok) throw py::value_error("unknown mask format in the table");
 }
 
 zo::QuantParams quant_params(int op, int fmt, int dist, int out_kind, int in_dtype, bool stochastic, bool paper,

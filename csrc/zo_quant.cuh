@@ -3,14 +3,14 @@
 // row in the low nibble of byte i, padding nibbles k >= K are 0); fp8 e4m3fn bits [N, K]. Element (n, k) has
 // contract index j = n * K + k and scale s = scale[n, 0] (int8, fp8) or scale[n, k / group] (int4).
 //
-// Work items: one element (probe; int8/fp8 quantize and update) or one int4 storage byte (int4 quantize and
-// update: a thread owns both nibbles, so no two threads write one byte). Each element draws its own Philox
-// block lane (the contract's z / uniform of (key, j)): Box-Muller of the lane's pair only.
+// Work items: one Philox block = 4 consecutive elements j (probe; int8/fp8 quantize and update), sharing its
+// Philox calls and Box-Muller pairs, or one int4 storage byte (int4 quantize and update: a thread owns both
+// nibbles, so no two threads write one byte; each nibble draws its own Philox lane).
 #pragma once
 
 #include <stdint.h>
 
-#include "zo_math.cuh"
+#include "zo_block.cuh"
 
 namespace zo {
 
@@ -66,26 +66,18 @@ ZO_HD float f_abs(float x) { return u2f(f2u(x) & 0x7FFFFFFFu); }
 // torch.clamp: NaN stays NaN
 ZO_HD float f_clamp(float x, float lo, float hi) { return x < lo ? lo : (x > hi ? hi : x); }
 
-// ------------------------------------------------------------------ one element's random numbers
-ZO_HD uint32_t lane_word(const U4& r, uint64_t j) {
-  const uint32_t l = (uint32_t)(j & 3u);
-  return l == 0 ? r.x : l == 1 ? r.y : l == 2 ? r.z : r.w;
-}
-
-// The dense z of (seed, key, query, j): Box-Muller of the lane's pair, cos for even lanes, sin for odd.
-ZO_HD float z_at(uint64_t seed, uint64_t key, uint32_t query, int dist, uint64_t j) {
-  const U4 r = contract_block(seed, key, query, STREAM_Z, j >> 2);
-  if (dist != GAUSSIAN) return rademacher(lane_word(r, j));
-  float z0, z1;
-  if ((j & 2u) == 0)
-    box_muller(r.x, r.y, &z0, &z1);
+// ------------------------------------------------------------------ random numbers of a Philox block
+// z lanes of (query, STREAM_Z) at Philox block `block`; a Gaussian pair without a live lane is not computed.
+ZO_HD void z_block(const QuantParams& p, uint32_t query, uint64_t block, const bool live[4], float z[4]) {
+  const U4 r = contract_block(p.seed, p.key, query, STREAM_Z, block);
+  if (p.dist == GAUSSIAN)
+    z_live_lanes<GAUSSIAN, true>(r, live, z);
   else
-    box_muller(r.z, r.w, &z0, &z1);
-  return (j & 1u) ? z1 : z0;
+    z_live_lanes<RADEMACHER, true>(r, live, z);
 }
 
-ZO_HD float v_at(uint64_t seed, uint64_t key, uint32_t query, uint32_t stream, uint64_t j) {
-  return half_open_unit(lane_word(contract_block(seed, key, query, stream, j >> 2), j));
+ZO_HD void v_block(const QuantParams& p, uint32_t query, uint32_t stream, uint64_t block, float v[4]) {
+  v_lanes(contract_block(p.seed, p.key, query, stream, block), v);
 }
 
 // ------------------------------------------------------------------ grids
@@ -162,113 +154,175 @@ ZO_HD float load_w(const QuantParams& p, int64_t i) {
 ZO_HD int32_t clamp_int(int32_t x, int32_t qmax) { return x < -qmax ? -qmax : (x > qmax ? qmax : x); }
 ZO_HD int32_t qmax_int(const QuantParams& p) { return p.fmt == QF_INT4 ? 7 : 127; }
 
-// ------------------------------------------------------------------ the three ops, one element each
-// Quantize element (n, k): int value (int formats) or e4m3 bits (fp8).
-ZO_HD uint32_t quantize_elem(const QuantParams& p, int64_t n, int64_t k) {
-  const uint64_t j = (uint64_t)(n * p.k + k);
-  const float x = f_div(load_w(p, n * p.k + k), scale_of(p, n, k));
-  const float v = p.stochastic ? v_at(p.seed, p.key, 0, STREAM_QUANT_SR, j) : 0.f;
-  if (p.fmt == QF_FP8) return p.stochastic ? e4m3_sr(x, v) : e4m3_rn(f_clamp(x, -E4M3_MAX, E4M3_MAX));
-  const float qm = (float)qmax_int(p), xc = f_clamp(x, -qm, qm);
-  return (uint32_t)(p.stochastic ? sr_int(xc, v) : (int32_t)f_rint(xc));
+// ------------------------------------------------------------------ the three ops on the live lanes of a Philox block
+// Lane l of block b is element j = 4 b + l = n * K + k (a block may straddle rows).
+struct LaneCoords {
+  int64_t n[4], k[4];
+};
+
+ZO_HD LaneCoords lane_coords(const QuantParams& p, uint64_t block) {
+  LaneCoords c;
+  const int64_t j0 = (int64_t)(block * 4u);
+  int64_t n = j0 / p.k, k = j0 - n * p.k;
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) {
+    c.n[l] = n;
+    c.k[l] = k;
+    if (++k == p.k) k = 0, ++n;
+  }
+  return c;
 }
 
-// Probe weight of element (n, k), written to out; returns 1 if it saturated.
-ZO_HD int probe_elem(const QuantParams& p, int64_t n, int64_t k) {
-  const uint64_t j = (uint64_t)(n * p.k + k);
-  const float s = scale_of(p, n, k);
-  const float d = f_div(f_mul(z_at(p.seed, p.key, p.query, p.dist, j), p.eps), s);
-  const float v = v_at(p.seed, p.key, p.query, STREAM_QUZO_PROBE, j);
-  int32_t iv = 0;
-  uint32_t bits = 0;
-  load_q(p, n, k, &iv, &bits);
-  int hit;
-  float val;  // the probe weight's grid value as float32
-  uint8_t grid;
-  if (p.fmt == QF_FP8) {
-    const float x = f_add(e4m3_value(bits), f_mul(d, (float)p.sign));
-    const uint32_t pb = e4m3_sr(x, v);
-    hit = f_abs(x) > E4M3_MAX;
-    val = e4m3_value(pb);
-    grid = (uint8_t)pb;
-  } else {
-    const int32_t raw = iv + sr_int(f_clamp(d, -SR_CLAMP, SR_CLAMP), v) * p.sign;
-    const int32_t pv = clamp_int(raw, qmax_int(p));
-    hit = pv != raw;
-    val = (float)pv;
-    grid = (uint8_t)(int8_t)pv;
-  }
-  const int64_t i = n * p.k + k;
-  if (p.out_kind == QO_GRID) {
-    static_cast<uint8_t*>(p.out)[i] = grid;
-  } else {
-    const float w = f_mul(val, s);
-    if (p.out_kind == QO_F32)
-      static_cast<float*>(p.out)[i] = w;
-    else
-      static_cast<uint16_t*>(p.out)[i] = p.out_kind == QO_BF16 ? f32_to_bf16_rn(w) : f32_to_f16_rn(w);
-  }
-  return hit;
-}
-
-// Updated grid value of element (n, k): int value or e4m3 bits; *hit = 1 if it saturated.
-ZO_HD uint32_t update_elem(const QuantParams& p, int64_t n, int64_t k, int* hit) {
-  const uint64_t j = (uint64_t)(n * p.k + k);
-  const float s = scale_of(p, n, k);
-  float acc = 0.f;
-  for (int qi = 0; qi < p.n_coeffs; ++qi) {
-    const float z = z_at(p.seed, p.key, (uint32_t)qi, p.dist, j);
-    float term;
-    if (!p.paper) {
-      term = f_mul(z, p.coeffs[qi]);
+// Quantized values of the live lanes: int value (int formats) or e4m3 bits (fp8).
+ZO_HD void quantize_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c,
+                          uint32_t val[4]) {
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  if (p.stochastic) v_block(p, 0, STREAM_QUANT_SR, block, v);
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) {
+    if (!live[l]) continue;
+    const float x = f_div(load_w(p, c.n[l] * p.k + c.k[l]), scale_of(p, c.n[l], c.k[l]));
+    if (p.fmt == QF_FP8) {
+      val[l] = p.stochastic ? e4m3_sr(x, v[l]) : e4m3_rn(f_clamp(x, -E4M3_MAX, E4M3_MAX));
     } else {
-      const float d = f_div(f_mul(z, p.eps), s);
-      const float v2 = v_at(p.seed, p.key, (uint32_t)qi, STREAM_QUZO_UPDATE, j);
-      const float d2 = p.fmt == QF_FP8 ? e4m3_value(e4m3_sr(d, v2)) : (float)sr_int(f_clamp(d, -SR_CLAMP, SR_CLAMP), v2);
-      term = f_mul(d2, p.coeffs[qi]);
+      const float qm = (float)qmax_int(p), xc = f_clamp(x, -qm, qm);
+      val[l] = (uint32_t)(p.stochastic ? sr_int(xc, v[l]) : (int32_t)f_rint(xc));
     }
-    acc = qi ? f_add(acc, term) : term;
   }
-  const float x = p.n_coeffs == 0 ? 0.f : f_div(f_mul(acc, p.lr), p.paper ? p.eps : s);
-  const float v = v_at(p.seed, p.key, 0, STREAM_UPDATE_SR, j);
-  int32_t iv = 0;
-  uint32_t bits = 0;
-  load_q(p, n, k, &iv, &bits);
-  if (p.fmt == QF_FP8) {
-    const float y = f_sub(e4m3_value(bits), x);
-    *hit = f_abs(y) > E4M3_MAX;
-    return e4m3_sr(y, v);
-  }
-  const int32_t raw = iv - sr_int(f_clamp(x, -SR_CLAMP, SR_CLAMP), v);
-  const int32_t nv = clamp_int(raw, qmax_int(p));
-  *hit = nv != raw;
-  return (uint32_t)nv;
 }
 
-// Work items of an op: elements, or int4 storage bytes for the ops that write int4 storage.
+// Probe weights of the live lanes, written to out; returns how many saturated.
+ZO_HD int probe_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c) {
+  float z[4], v[4];
+  z_block(p, p.query, block, live, z);
+  v_block(p, p.query, STREAM_QUZO_PROBE, block, v);
+  int hits = 0;
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) {
+    if (!live[l]) continue;
+    const int64_t n = c.n[l], k = c.k[l], i = n * p.k + k;
+    const float s = scale_of(p, n, k);
+    const float d = f_div(f_mul(z[l], p.eps), s);
+    int32_t iv = 0;
+    uint32_t bits = 0;
+    load_q(p, n, k, &iv, &bits);
+    float val;  // the probe weight's grid value as float32
+    uint8_t grid;
+    if (p.fmt == QF_FP8) {
+      const float x = f_add(e4m3_value(bits), f_mul(d, (float)p.sign));
+      const uint32_t pb = e4m3_sr(x, v[l]);
+      hits += f_abs(x) > E4M3_MAX;
+      val = e4m3_value(pb);
+      grid = (uint8_t)pb;
+    } else {
+      const int32_t raw = iv + sr_int(f_clamp(d, -SR_CLAMP, SR_CLAMP), v[l]) * p.sign;
+      const int32_t pv = clamp_int(raw, qmax_int(p));
+      hits += pv != raw;
+      val = (float)pv;
+      grid = (uint8_t)(int8_t)pv;
+    }
+    if (p.out_kind == QO_GRID) {
+      static_cast<uint8_t*>(p.out)[i] = grid;
+    } else {
+      const float w = f_mul(val, s);
+      if (p.out_kind == QO_F32)
+        static_cast<float*>(p.out)[i] = w;
+      else
+        static_cast<uint16_t*>(p.out)[i] = p.out_kind == QO_BF16 ? f32_to_bf16_rn(w) : f32_to_f16_rn(w);
+    }
+  }
+  return hits;
+}
+
+// Updated grid values of the live lanes (int value or e4m3 bits); returns how many saturated.
+ZO_HD int update_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c,
+                       uint32_t val[4]) {
+  float s[4], acc[4] = {0.f, 0.f, 0.f, 0.f}, z[4], v[4];
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) s[l] = live[l] ? scale_of(p, c.n[l], c.k[l]) : 1.f;
+  for (int qi = 0; qi < p.n_coeffs; ++qi) {
+    const float cq = p.coeffs[qi];
+    z_block(p, (uint32_t)qi, block, live, z);
+    if (p.paper) v_block(p, (uint32_t)qi, STREAM_QUZO_UPDATE, block, v);
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l) {
+      float term;
+      if (!p.paper) {
+        term = f_mul(z[l], cq);
+      } else {
+        const float d = f_div(f_mul(z[l], p.eps), s[l]);
+        const float d2 =
+            p.fmt == QF_FP8 ? e4m3_value(e4m3_sr(d, v[l])) : (float)sr_int(f_clamp(d, -SR_CLAMP, SR_CLAMP), v[l]);
+        term = f_mul(d2, cq);
+      }
+      acc[l] = qi ? f_add(acc[l], term) : term;
+    }
+  }
+  v_block(p, 0, STREAM_UPDATE_SR, block, v);
+  int hits = 0;
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) {
+    if (!live[l]) continue;
+    const float x = p.n_coeffs == 0 ? 0.f : f_div(f_mul(acc[l], p.lr), p.paper ? p.eps : s[l]);
+    int32_t iv = 0;
+    uint32_t bits = 0;
+    load_q(p, c.n[l], c.k[l], &iv, &bits);
+    if (p.fmt == QF_FP8) {
+      const float y = f_sub(e4m3_value(bits), x);
+      hits += f_abs(y) > E4M3_MAX;
+      val[l] = e4m3_sr(y, v[l]);
+    } else {
+      const int32_t raw = iv - sr_int(f_clamp(x, -SR_CLAMP, SR_CLAMP), v[l]);
+      const int32_t nv = clamp_int(raw, qmax_int(p));
+      hits += nv != raw;
+      val[l] = (uint32_t)nv;
+    }
+  }
+  return hits;
+}
+
+// Work items: Philox blocks of the logical weight (4 elements each), except for the ops that write int4
+// storage, where an item is one storage byte (both nibbles owned by one thread, padding nibbles written 0).
 ZO_HD bool byte_items(const QuantParams& p) { return p.fmt == QF_INT4 && p.op != Q_PROBE; }
-ZO_HD int64_t quant_items(const QuantParams& p) { return byte_items(p) ? p.n * p.kb : p.n * p.k; }
+ZO_HD int64_t quant_items(const QuantParams& p) { return byte_items(p) ? p.n * p.kb : (p.n * p.k + 3) / 4; }
 
 // Work item i; returns the number of saturated elements.
 ZO_HD int quant_item(const QuantParams& p, int64_t i) {
-  if (p.op == Q_PROBE) return probe_elem(p, i / p.k, i % p.k);
-  int hit = 0;
   if (byte_items(p)) {
-    const int64_t n = i / p.kb, k0 = (i % p.kb) * 2;
+    const int64_t n = i / p.kb, k0 = (i - n * p.kb) * 2;
     uint32_t nib[2] = {0u, 0u};
-    for (int h = 0; h < 2; ++h) {
-      if (k0 + h >= p.k) break;  // padding nibble: 0
-      int e = 0;
-      nib[h] = (p.op == Q_QUANTIZE ? quantize_elem(p, n, k0 + h) : update_elem(p, n, k0 + h, &e)) & 0xFu;
-      hit += e;
+    int hits = 0;
+    for (int h = 0; h < 2 && k0 + h < p.k; ++h) {  // one live lane per nibble
+      const uint64_t j = (uint64_t)(n * p.k + k0 + h);
+      const int lane = (int)(j & 3u);
+      bool live[4] = {lane == 0, lane == 1, lane == 2, lane == 3};
+      LaneCoords c;
+      c.n[lane] = n;
+      c.k[lane] = k0 + h;
+      uint32_t val[4] = {0u, 0u, 0u, 0u};
+      if (p.op == Q_QUANTIZE)
+        quantize_lanes(p, j >> 2, live, c, val);
+      else
+        hits += update_lanes(p, j >> 2, live, c, val);
+      nib[h] = val[lane] & 0xFu;
     }
     static_cast<uint8_t*>(p.q)[i] = (uint8_t)(nib[0] | (nib[1] << 4));
-    return hit;
+    return hits;
   }
-  const int64_t n = i / p.k, k = i % p.k;
-  const uint32_t val = p.op == Q_QUANTIZE ? quantize_elem(p, n, k) : update_elem(p, n, k, &hit);
-  static_cast<uint8_t*>(p.q)[i] = (uint8_t)val;  // int8 two's complement or e4m3 bits
-  return hit;
+  const uint64_t block = (uint64_t)i;
+  const int64_t numel = p.n * p.k;
+  bool live[4];
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) live[l] = i * 4 + l < numel;
+  const LaneCoords c = lane_coords(p, block);
+  if (p.op == Q_PROBE) return probe_lanes(p, block, live, c);
+  uint32_t val[4] = {0u, 0u, 0u, 0u};
+  const int hits = p.op == Q_QUANTIZE ? (quantize_lanes(p, block, live, c, val), 0) : update_lanes(p, block, live, c, val);
+  uint8_t* q = static_cast<uint8_t*>(p.q);  // int8 two's complement or e4m3 bits; storage index = j
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l)
+    if (live[l]) q[i * 4 + l] = (uint8_t)val[l];
+  return hits;
 }
 
 }  // namespace zo
