@@ -6,8 +6,9 @@ format (rows with int16 and int32 indices, blocks with aligned and unaligned run
 offsets, several tensors and formats in one launch:
   * unmasked elements never change, bitwise;
   * masked elements equal the CUDA backend's dense op bitwise (z of (key, j) is the dense z);
-  * the whole result equals the reference backend's masked op bitwise for Rademacher z, and within the
-    dense tests' tolerance for Gaussian z (log/sin/cos of two math libraries: <= 1 ulp, nearly all bitwise).
+  * the whole result equals the reference backend's masked op bitwise once the reference draws the same z
+    (its z_at patched to the host twin's dense z), Gaussian included; unpatched, bitwise for Rademacher z and
+    within the dense tests' tolerance for Gaussian z (log/sin/cos of two math libraries: <= 1 ulp).
 GPU part (@pytest.mark.gpu): the device kernels against the reference backend, and zokernels.ops picking
 the CUDA backend for masked ops.
 """
@@ -39,6 +40,34 @@ def backend():
         pytest.skip(msg)
     from zokernels.backends import cuda
     return cuda
+
+
+@pytest.fixture
+def cuda_z(backend):
+    """A context in which the reference backend's masked ops draw the CUDA host twin's z (the dense z over
+    the span of the requested indices): then every result must be bitwise equal, Gaussian included."""
+    from zokernels.backends.reference import masked as ref_masked
+
+    def z_at(j, seed, key, query, stream, dist):
+        lo, hi = int(j.min()), int(j.max())
+        span = torch.empty(hi - lo + 1, dtype=torch.float32)
+        backend._ext.host_perturbation(span.data_ptr(), span.numel(), seed, key, query, stream,
+                                       {"gaussian": 0, "rademacher": 1}[dist], lo)
+        return span[j - lo]
+
+    return pytest.MonkeyPatch.context, ref_masked, z_at
+
+
+def _reference(cuda_z, fn, *args, **kw):
+    """(reference result with the CUDA z, reference result with its own z) of an in-place masked op on
+    clones of args[0]."""
+    context, ref_masked, z_at = cuda_z
+    same, own = [t.clone() for t in args[0]], [t.clone() for t in args[0]]
+    with context() as mp:
+        mp.setattr(ref_masked, "z_at", z_at)
+        fn(same, *args[1:], backend="reference", **kw)
+    fn(own, *args[1:], backend="reference", **kw)
+    return same, own
 
 
 def _bits(t: torch.Tensor) -> torch.Tensor:
@@ -116,24 +145,24 @@ CASES = [(torch.float32, "nearest", "gaussian"), (torch.float32, "nearest", "rad
 
 
 @pytest.mark.parametrize("dtype,rounding,dist", CASES)
-def test_host_masked_perturb_and_copy(backend, one_thread, dtype, rounding, dist):
+def test_host_masked_perturb_and_copy(backend, cuda_z, one_thread, dtype, rounding, dist):
     group, masks = _group(dtype, 1)
     theta = [t.clone() for t in group.tensors]
     seed, scale, query, sr = C.step_seed(3, 4), 0.05, 5, C.STREAM_PROBE_SR_NEG
 
     dense = [torch.empty_like(t) for t in theta]
     backend.perturbed_copy(Group(theta, group.keys, group.offsets), dense, seed, scale, query, dist, rounding, sr)
-    ref = [t.clone() for t in theta]
-    ops.masked_perturb_(ref, masks, seed, scale, group.keys, query=query, dist=dist, offsets=group.offsets,
-                        rounding=rounding, sr_stream=sr, backend="reference")
+    same, ref = _reference(cuda_z, ops.masked_perturb_, theta, masks, seed, scale, group.keys, query=query, dist=dist,
+                           offsets=group.offsets, rounding=rounding, sr_stream=sr)
     scratch = [torch.full_like(t, 3.0) for t in theta]
     backend.masked_perturb_(group, masks, scratch, seed, scale, query, dist, rounding, sr)  # persistent scratch
     before = backend.LAUNCHES["masked_perturb_"]
     backend.masked_perturb_(group, masks, None, seed, scale, query, dist, rounding, sr)
     assert backend.LAUNCHES["masked_perturb_"] == before + 1  # three formats, two index dtypes: one launch
 
-    for got, out, w, dn, r, m in zip(group.tensors, scratch, theta, dense, ref, masks):
+    for got, out, w, dn, sm, r, m in zip(group.tensors, scratch, theta, dense, same, ref, masks):
         d = m.dense()
+        assert torch.equal(_bits(got), _bits(sm))              # the reference, drawing the same z: bitwise
         assert torch.equal(_bits(got)[~d], _bits(w)[~d])       # unmasked: never written
         assert bool((out[~d] == 3.0).all())                    # copy: only masked elements of outs written
         assert torch.equal(_bits(got)[d], _bits(dn)[d])        # masked: the dense CUDA value, bitwise
@@ -144,7 +173,7 @@ def test_host_masked_perturb_and_copy(backend, one_thread, dtype, rounding, dist
 
 @pytest.mark.parametrize("restore", [None, -0.02])
 @pytest.mark.parametrize("dtype,rounding,dist", CASES)
-def test_host_masked_zo_update(backend, one_thread, dtype, rounding, dist, restore):
+def test_host_masked_zo_update(backend, cuda_z, one_thread, dtype, rounding, dist, restore):
     lrs = [0.05, 0.01, 0.1, 1.0, 0.02, 0.05, 0.3, 0.07]
     wds = [0.01, 0.0, 0.1, 0.0, 0.5, 0.01, 0.0, 0.2]
     group, masks = _group(dtype, 2, lrs, wds)
@@ -153,16 +182,15 @@ def test_host_masked_zo_update(backend, one_thread, dtype, rounding, dist, resto
 
     dense = [t.clone() for t in theta]
     backend.zo_update_(Group(dense, group.keys, group.offsets, lrs, wds), spec)
-    ref = [t.clone() for t in theta]
-    ops.masked_zo_update_(ref, masks, spec.seed, group.keys, spec.coeffs, lrs, wds, dist=dist,
-                          offsets=group.offsets, rounding=rounding, restore_scale=restore, restore_query=1,
-                          backend="reference")
+    same, ref = _reference(cuda_z, ops.masked_zo_update_, theta, masks, spec.seed, group.keys, spec.coeffs, lrs, wds,
+                           dist=dist, offsets=group.offsets, rounding=rounding, restore_scale=restore, restore_query=1)
     before = backend.LAUNCHES["masked_zo_update_"]
     backend.masked_zo_update_(group, masks, spec)
     assert backend.LAUNCHES["masked_zo_update_"] == before + 1
 
-    for got, w, dn, r, m in zip(group.tensors, theta, dense, ref, masks):
+    for got, w, dn, sm, r, m in zip(group.tensors, theta, dense, same, ref, masks):
         d = m.dense()
+        assert torch.equal(_bits(got), _bits(sm))
         assert torch.equal(_bits(got)[~d], _bits(w)[~d])
         assert torch.equal(_bits(got)[d], _bits(dn)[d])
         _close_to_reference(got, r, dist, d)
