@@ -142,7 +142,7 @@ def test_quantize_fp8_special_values():
 @pytest.mark.parametrize("fmt", quant.FORMATS)
 def test_probe_matches_reference_rademacher(fmt):
     qw = _quantized(fmt)
-    outs = (None, torch.float32, torch.bfloat16 if fmt != "int4" else torch.float16)
+    outs = (None, torch.float32, torch.bfloat16) if fmt != "int4" else (None, torch.float16, torch.uint8)
     for sign in (1, -1):
         for out_dtype in outs:
             sat = {}
@@ -152,6 +152,8 @@ def test_probe_matches_reference_rademacher(fmt):
                 got[backend] = QO.probe_weights(qw, 77, 2**64 - 3, 2, EPS[fmt], sign, "rademacher",
                                                 out_dtype=out_dtype, saturated=sat[backend], backend=backend)
             assert got["triton"].dtype == (out_dtype or QO.grid_dtype(fmt))
+            if out_dtype == torch.uint8:   # int4 packed like the storage (K % 4 != 0 here: int8, then packed)
+                assert got["triton"].shape == qw.q.shape
             assert torch.equal(_bits(got["triton"]), _bits(got["reference"])), (sign, out_dtype)
             assert int(sat["triton"]) == int(sat["reference"]) > 5, (sign, out_dtype)
     # the probe really moved the weights, and the two signs differ
@@ -219,7 +221,7 @@ def test_update_gaussian_and_no_queries():
 
 
 @needs_triton
-def test_int4_writes_when_k_is_a_multiple_of_4():
+def test_int4_writes_when_k_is_a_multiple_of_4(monkeypatch):
     """K % 4 == 0 (every LLM shape): int4 quantize / update write whole Philox blocks (byte pairs assembled
     in the tile) instead of the per-byte gather path; K = 100 with groups of 32 still ends in padding."""
     g = torch.Generator().manual_seed(5)
@@ -239,6 +241,15 @@ def test_int4_writes_when_k_is_a_multiple_of_4():
             res.append((q.q, int(sat)))
         assert torch.equal(res[0][0], res[1][0]) and res[0][1] == res[1][1] > 0, form
         assert not torch.equal(res[1][0], ref.q)
+    # probe weights packed by the kernel == the reference == int8 grid values packed in torch (the fallback
+    # for backends without QUANT_PROBE_PACKED_INT4)
+    packed = {b: QO.probe_weights(ref, 4, 5, 1, EPS["int4"], -1, "rademacher", out_dtype=torch.uint8, backend=b)
+              for b in ("reference", "triton")}
+    monkeypatch.delattr(registry._load("reference"), "QUANT_PROBE_PACKED_INT4")
+    fallback = QO.probe_weights(ref, 4, 5, 1, EPS["int4"], -1, "rademacher", out_dtype=torch.uint8,
+                                backend="reference")
+    assert torch.equal(packed["triton"], packed["reference"]) and torch.equal(fallback, packed["reference"])
+    assert not torch.equal(packed["triton"], ref.q)
 
 
 # ----------------------------------------------------------------------------- dispatch, QuZO
@@ -252,6 +263,27 @@ def test_backend_choice():
         QO.probe_weights(_quantized("int8"), 1, 2, 0, 1e-3, 2)
     with pytest.raises(ValueError, match="saturated"):
         QO.probe_weights(_quantized("int8"), 1, 2, 0, 1e-3, 1, saturated=torch.zeros(1, dtype=torch.int32))
+
+
+def test_quantlinear_probe_values_kernel_and_cache_paths_agree():
+    """QuantLinear._probe_values: the kernel path (int8 grid values, or packed int4 for W4A16) and the CPU
+    step-cache path (materialized int32 values) give the same probe weights."""
+    from zokernels.quant.linear import ProbeSpec
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(40, 12))
+    quant.quantize_model(model, "int4", exclude=(), group_size=32)
+    ql = model[0]
+    got = {}
+    for cache in (None, {}):
+        for packed in (False, True):
+            ql.probe = ProbeSpec(3, 0, -1, 2e-2, "rademacher", cache=cache)
+            got[cache is None, packed] = ql._probe_values(packed_int4=packed)
+            ql.probe = None
+    assert got[True, False].dtype == torch.int8 and got[False, False].dtype == torch.int32
+    assert torch.equal(got[True, False].int(), got[False, False])
+    assert got[True, True].shape == ql.qweight.shape and torch.equal(got[True, True], got[False, True])
+    assert not torch.equal(got[True, True], ql.qweight)
 
 
 def _mlp(fmt: str):

@@ -121,20 +121,23 @@ class QuantLinear(torch.nn.Module):
         b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
         return self.qw.nbytes() + b
 
-    def _probe_values(self) -> torch.Tensor | None:
+    def _probe_values(self, packed_int4: bool = False) -> torch.Tensor | None:
         """Grid values [N, K] of this layer's probe weights, or None outside a probe: int8 / float8_e4m3fn
         from the backend kernel (quant.ops.probe_weights), or int32 / float32 when the step caches z (CPU)
-        or a test redraws Q1 (sr_seed)."""
+        or a test redraws Q1 (sr_seed). packed_int4 (int4 layers): uint8 [N, Kp / 2] in qweight's layout
+        instead, written by the kernel directly (what the W4A16 matmul reads)."""
         spec = self.probe
         if spec is None or self.key in spec.skip_keys:
             return None
+        packed = packed_int4 and self.fmt == "int4"
         if spec.cache is None and spec.sr_seed is None:
             return Q.probe_weights(self.qw, spec.seed, self.key, spec.query, spec.eps, spec.sign, spec.dist,
+                                   out_dtype=torch.uint8 if packed else None,
                                    saturated=spec.counter(self.qweight.device), backend=spec.backend)
         res = Q.probe_values(self.qw, spec.seed, self.key, spec.query, spec.eps, spec.sign, spec.dist,
                              spec.sr_seed, spec.cache)
         spec.saturated += res.saturated
-        return res.values
+        return MM.pack_values_int4(self.qw, res.values) if packed else res.values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         vals = self._probe_values()

@@ -27,7 +27,9 @@ one device; seed/key are uint64 Python ints, eps/lr/coeffs Python floats (rounde
   quant_probe(q, scale, fmt, shape, group_size, seed, key, query, eps, sign, dist, out, saturated) -> None
       out-of-place probe weights of (query, sign) for the logical shape (N, K); sign is +1 or -1.
       out: int8 [N, K] (grid values; int formats) | float8_e4m3fn [N, K] (grid values; fp8) |
-      float32/bfloat16/float16 [N, K] (dequantized: float32 value * s, then RNE to out's dtype).
+      float32/bfloat16/float16 [N, K] (dequantized: float32 value * s, then RNE to out's dtype) |
+      optional, backends with QUANT_PROBE_PACKED_INT4 = True: uint8 [N, Kp/2] for int4 (the packed storage
+      layout, padding nibbles 0; what the W4A16 matmul reads); others get int8 and a torch pack.
       saturated: int64 [1] on the device; the number of clamped elements is added to it (atomic add,
       no host sync): int: clamp(q + sign D1) != q + sign D1; fp8: |q + sign d| > 448.
   quant_update_(q, scale, fmt, shape, group_size, seed, key, coeffs, lr, eps, form, dist, saturated) -> None
@@ -174,20 +176,26 @@ def probe_weights(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: f
                   saturated: torch.Tensor | None = None, backend: str = "auto") -> torch.Tensor:
     """The weights of probe (query, sign), out of place, by the backend kernel (quant_probe): grid values
     (out_dtype None: int8 for int formats, float8_e4m3fn for fp8) or dequantized values * s (out_dtype
-    float32/bfloat16/float16), [N, K]. Clamped elements are added to `saturated` (int64 [1]) if given."""
+    float32/bfloat16/float16), [N, K]; int4 with out_dtype uint8: packed like qw.q, [N, Kp / 2].
+    Clamped elements are added to `saturated` (int64 [1]) if given."""
     _check_qw(qw)
     C.check_dist(dist)
     sign = _check_sign(sign)
     out_dtype = grid_dtype(qw.fmt) if out_dtype is None else out_dtype
-    if out_dtype not in (grid_dtype(qw.fmt),) + ops.FLOAT_DTYPES:
-        raise ValueError(f"probe weights of {qw.fmt} come as {grid_dtype(qw.fmt)} grid values or float "
-                         f"{ops.FLOAT_DTYPES}, not {out_dtype}")
+    packed = qw.fmt == "int4" and out_dtype == torch.uint8
+    if out_dtype not in (grid_dtype(qw.fmt),) + ops.FLOAT_DTYPES and not packed:
+        raise ValueError(f"probe weights of {qw.fmt} come as {grid_dtype(qw.fmt)} grid values, float "
+                         f"{ops.FLOAT_DTYPES} or (int4) packed uint8, not {out_dtype}")
     device = qw.q.device
     saturated = _check_counter(saturated, device)
-    out = torch.empty(qw.shape, dtype=out_dtype, device=device)
-    quant_backend(device, backend).quant_probe(qw.q, qw.scale, qw.fmt, tuple(qw.shape), qw.group_size,
-                                               C.check_u64(seed, "seed"), C.check_u64(key, "key"),
-                                               C.check_query(query), float(eps), sign, dist, out, saturated)
+    mod = quant_backend(device, backend)
+    native = not packed or getattr(mod, "QUANT_PROBE_PACKED_INT4", False)
+    out = torch.empty(qw.q.shape if packed and native else qw.shape, dtype=out_dtype if native else torch.int8,
+                      device=device)
+    mod.quant_probe(qw.q, qw.scale, qw.fmt, tuple(qw.shape), qw.group_size, C.check_u64(seed, "seed"),
+                    C.check_u64(key, "key"), C.check_query(query), float(eps), sign, dist, out, saturated)
+    if not native:
+        out = R.pack_int4(torch.nn.functional.pad(out.to(torch.int32), (0, qw.padded_k - qw.shape[1])))
     return out
 
 

@@ -37,6 +37,7 @@ from ...quant import reference as QR
 from .philox import uniform_range, z_range  # the package's `philox` is the op
 
 CHUNK = 1 << 20           # elements per chunk of rows
+QUANT_PROBE_PACKED_INT4 = True   # quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out
 SR_CLAMP = 2.0 ** 30      # |x| bound before SR to int32
 QMAX = {"int8": 127, "int4": 7, "fp8": QR.E4M3_MAX}
 INT_FORMATS = ("int8", "int4")
@@ -117,7 +118,9 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
 
 def _write_probe(out: torch.Tensor, n0: int, rows: int, vals: torch.Tensor, s: torch.Tensor) -> None:
     dst = out[n0:n0 + rows]
-    if out.dtype == torch.int8 or out.dtype == torch.float8_e4m3fn:
+    if out.dtype == torch.uint8:                # int4, packed like the storage
+        _store_rows(out, "int4", n0, rows, vals.shape[1], vals)
+    elif out.dtype == torch.int8 or out.dtype == torch.float8_e4m3fn:
         dst.copy_(vals.to(out.dtype))          # grid values
     else:
         dst.copy_((vals.to(torch.float32) * s).to(out.dtype))   # dequantized, RNE to out's dtype
@@ -126,7 +129,8 @@ def _write_probe(out: torch.Tensor, n0: int, rows: int, vals: torch.Tensor, s: t
 def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                 seed: int, key: int, query: int, eps: float, sign: int, dist: str, out: torch.Tensor,
                 saturated: torch.Tensor) -> None:
-    """out <- probe weights of (query, sign), out of place; saturated += number of clamped elements."""
+    """out <- probe weights of (query, sign), out of place (grid values, dequantized, or int4 packed into
+    uint8 [N, Kp/2]); saturated += number of clamped elements."""
     n, k = shape
     qmax = QMAX[fmt]
     eps_t = _scalar(eps, q.device)

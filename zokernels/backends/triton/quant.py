@@ -15,7 +15,9 @@ from . import _KIND, _c1_high, _i32, _launch, _pointer, _seed_words
 
 FMT = {"int8": 0, "int4": 1, "fp8": 2}
 QMAX = {"int8": 127, "int4": 7, "fp8": 448.0}
-OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.float8_e4m3fn: 4}
+OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.float8_e4m3fn: 4,
+            torch.uint8: 5}
+QUANT_PROBE_PACKED_INT4 = True   # quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out
 # Philox rows per program (tile of 4 * BLOCKS elements; int4 writes: 4 * BLOCKS bytes). GPU: a starting
 # point, pending measurement (no GPU when this was written); smaller than the dense kernels' 512 because
 # the update keeps several Philox states live per element. Interpreter: big tiles are faster.
@@ -89,7 +91,8 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
 def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                 seed: int, key: int, query: int, eps: float, sign: int, dist: str, out: torch.Tensor,
                 saturated: torch.Tensor) -> None:
-    """out <- probe weights of (query, sign) (grid values or dequantized); saturated += clamped elements."""
+    """out <- probe weights of (query, sign) (grid values, dequantized, or int4 packed into uint8 [N, Kp/2]);
+    saturated += clamped elements. Packed int4 with K % 4 != 0: int8 grid values, then packed in torch."""
     qk = _kernels()
     n, k = shape
     kb, scols, group = _geometry(q, scale, fmt, group_size)
@@ -97,6 +100,15 @@ def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int
     programs = _tile_programs(n * k, blocks)
     if programs == 0:
         return
+    if out.dtype == torch.uint8:
+        if k % 4:
+            vals = torch.empty(shape, dtype=torch.int8, device=q.device)
+            quant_probe(q, scale, fmt, shape, group_size, seed, key, query, eps, sign, dist, vals, saturated)
+            full = torch.nn.functional.pad(vals.to(torch.int32), (0, 2 * kb - k))
+            out.copy_(((full[:, 0::2] & 0xF) | ((full[:, 1::2] & 0xF) << 4)).to(torch.uint8))
+            return
+        if 2 * kb > k:
+            out[:, k // 2:].zero_()   # padding bytes: the tile writes only the bytes of real columns
     _launch(qk.probe_kernel, (programs,), q.device, _storage(q), scale, _storage(out), saturated, n, k, kb, scols,
             *_seed_words(seed), *_key_words(key), _c1_high(query, C.STREAM_Z),
             _c1_high(query, C.STREAM_QUZO_PROBE), _f32(eps), int(sign),

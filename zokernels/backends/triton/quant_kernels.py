@@ -36,9 +36,10 @@ FMT_INT8 = 0
 FMT_INT4 = 1
 FMT_FP8 = 2
 # probe outputs (OUT): 0 float32, 1 bfloat16 (int16 bits), 2 float16 (as kernels.KIND), 3 int8 grid values,
-# 4 e4m3 grid values (uint8 bits)
+# 4 e4m3 grid values (uint8 bits), 5 int4 packed like the storage (K % 4 == 0)
 OUT_INT8 = 3
 OUT_E4M3 = 4
+OUT_INT4_PACKED = 5
 
 
 # ----------------------------------------------------------------------------- integer rounding
@@ -339,7 +340,8 @@ def probe_kernel(q_ptr, scale_ptr, out_ptr, sat_ptr, N, K, KB, SCOLS, seed_lo, s
     """out <- probe weights: int clamp(q + sign SR((z eps) / s)); fp8 SR_e4m3(q + d sign); sat += clamped."""
     k0, k1 = _key_words(seed_lo, seed_hi)
     kl, kh = _key_words(key_lo, key_hi)
-    b, j, mask = _tile_elements(N.to(tl.int64) * K, BLOCKS)
+    NK = N.to(tl.int64) * K
+    b, j, mask = _tile_elements(NK, BLOCKS)
     n = j // K
     k = j - n * K
     s = tl.load(scale_ptr + _scale_index(n, k, SCOLS, GROUP, FMT), mask=mask, other=1.0)
@@ -362,6 +364,8 @@ def probe_kernel(q_ptr, scale_ptr, out_ptr, sat_ptr, N, K, KB, SCOLS, seed_lo, s
         tl.store(out_ptr + j, p.to(tl.int8), mask=mask)
     elif OUT == 4:
         tl.store(out_ptr + j, bits.to(tl.uint8), mask=mask)
+    elif OUT == 5:
+        _store_int4_tile(out_ptr, b, p, mask, NK, K, KB)
     else:
         y = val * s
         _round_store(out_ptr + j, y, y, mask, OUT, False)
