@@ -14,7 +14,9 @@ uniforms for + and -. Element math, step by step: zokernels/backends/reference/q
 
 Backend contract of the quantized-weight ops (reference, triton, cuda implement these names; chosen per
 device by quant_backend(): reference on CPU unless backend="triton" is asked for (interpreter), on CUDA
-the first of cuda, triton, reference that has all three). All three are bitwise equal across backends.
+the first of cuda, triton, reference that has all three). Every backend follows the reference's float32
+operation order, so results are bitwise equal across backends with Rademacher z; Gaussian z itself differs
+by float32 ulps between backends (log/sin/cos), which can move a rounding (tests: <= 1% of elements).
 fmt in ("int8", "int4", "fp8"); storage q: int8 [N, K] | uint8 [N, Kp/2] (int4, element 2i of a row in
 the low nibble of byte i, padding nibbles k >= K are 0) | float8_e4m3fn [N, K]; scale float32 [N, 1]
 (int8, fp8) or [N, Kp/group_size] (int4, Kp = K rounded up to group_size). All tensors contiguous, on
