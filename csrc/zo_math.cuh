@@ -240,6 +240,22 @@ ZO_HD void store4(uint16_t* p, const uint16_t v[4]) {
 #endif
 }
 
+ZO_HD void load4(const uint8_t* p, uint8_t v[4]) {
+#ifdef __CUDA_ARCH__
+  const uint32_t w = *reinterpret_cast<const uint32_t*>(p);
+  v[0] = (uint8_t)w, v[1] = (uint8_t)(w >> 8), v[2] = (uint8_t)(w >> 16), v[3] = (uint8_t)(w >> 24);
+#else
+  std::memcpy(v, p, 4);
+#endif
+}
+ZO_HD void store4(uint8_t* p, const uint8_t v[4]) {
+#ifdef __CUDA_ARCH__
+  *reinterpret_cast<uint32_t*>(p) = v[0] | ((uint32_t)v[1] << 8) | ((uint32_t)v[2] << 16) | ((uint32_t)v[3] << 24);
+#else
+  std::memcpy(p, v, 4);
+#endif
+}
+
 template <int DT>
 ZO_HD uint16_t round_nearest(float x) {
   return DT == BF16 ? f32_to_bf16_rn(x) : f32_to_f16_rn(x);

@@ -173,6 +173,26 @@ ZO_UNROLL
   return c;
 }
 
+// Grid values of the live lanes; int8 / fp8 storage index = j, so a whole aligned block is one 4-byte load.
+ZO_HD void load_q_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c, int32_t iv[4],
+                        uint32_t bits[4]) {
+  if (p.fmt == QF_INT4) {
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l) {
+      iv[l] = 0, bits[l] = 0;
+      if (live[l]) load_q(p, c.n[l], c.k[l], &iv[l], &bits[l]);
+    }
+    return;
+  }
+  uint8_t b[4];
+  load_lanes<uint8_t>(p.q, (int64_t)(block * 4u), live, b);
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) {
+    iv[l] = (int32_t)(int8_t)b[l];
+    bits[l] = b[l];
+  }
+}
+
 // Quantized values of the live lanes: int value (int formats) or e4m3 bits (fp8).
 ZO_HD void quantize_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c,
                           uint32_t val[4]) {
@@ -193,19 +213,22 @@ ZO_UNROLL
 
 // Probe weights of the live lanes, written to out; returns how many saturated.
 ZO_HD int probe_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c) {
-  float z[4], v[4];
+  float z[4], v[4], wv[4] = {0.f, 0.f, 0.f, 0.f};
+  uint8_t gv[4] = {0, 0, 0, 0};
+  int32_t ivs[4];
+  uint32_t bitss[4];
+  load_q_lanes(p, block, live, c, ivs, bitss);
   z_block(p, p.query, block, live, z);
   v_block(p, p.query, STREAM_QUZO_PROBE, block, v);
   int hits = 0;
 ZO_UNROLL
   for (int l = 0; l < 4; ++l) {
     if (!live[l]) continue;
-    const int64_t n = c.n[l], k = c.k[l], i = n * p.k + k;
+    const int64_t n = c.n[l], k = c.k[l];
     const float s = scale_of(p, n, k);
     const float d = f_div(f_mul(z[l], p.eps), s);
-    int32_t iv = 0;
-    uint32_t bits = 0;
-    load_q(p, n, k, &iv, &bits);
+    const int32_t iv = ivs[l];
+    const uint32_t bits = bitss[l];
     float val;  // the probe weight's grid value as float32
     uint8_t grid;
     if (p.fmt == QF_FP8) {
@@ -221,15 +244,19 @@ ZO_UNROLL
       val = (float)pv;
       grid = (uint8_t)(int8_t)pv;
     }
-    if (p.out_kind == QO_GRID) {
-      static_cast<uint8_t*>(p.out)[i] = grid;
-    } else {
-      const float w = f_mul(val, s);
-      if (p.out_kind == QO_F32)
-        static_cast<float*>(p.out)[i] = w;
-      else
-        static_cast<uint16_t*>(p.out)[i] = p.out_kind == QO_BF16 ? f32_to_bf16_rn(w) : f32_to_f16_rn(w);
-    }
+    gv[l] = grid;
+    wv[l] = f_mul(val, s);
+  }
+  const int64_t i0 = (int64_t)(block * 4u);  // output index of lane 0: j
+  if (p.out_kind == QO_GRID) {
+    store_lanes<uint8_t>(p.out, i0, live, gv);
+  } else if (p.out_kind == QO_F32) {
+    store_lanes<float>(p.out, i0, live, wv);
+  } else {
+    uint16_t h[4];
+ZO_UNROLL
+    for (int l = 0; l < 4; ++l) h[l] = p.out_kind == QO_BF16 ? f32_to_bf16_rn(wv[l]) : f32_to_f16_rn(wv[l]);
+    store_lanes<uint16_t>(p.out, i0, live, h);
   }
   return hits;
 }
@@ -259,14 +286,16 @@ ZO_UNROLL
     }
   }
   v_block(p, 0, STREAM_UPDATE_SR, block, v);
+  int32_t ivs[4];
+  uint32_t bitss[4];
+  load_q_lanes(p, block, live, c, ivs, bitss);
   int hits = 0;
 ZO_UNROLL
   for (int l = 0; l < 4; ++l) {
     if (!live[l]) continue;
     const float x = p.n_coeffs == 0 ? 0.f : f_div(f_mul(acc[l], p.lr), p.paper ? p.eps : s[l]);
-    int32_t iv = 0;
-    uint32_t bits = 0;
-    load_q(p, c.n[l], c.k[l], &iv, &bits);
+    const int32_t iv = ivs[l];
+    const uint32_t bits = bitss[l];
     if (p.fmt == QF_FP8) {
       const float y = f_sub(e4m3_value(bits), x);
       hits += f_abs(y) > E4M3_MAX;
@@ -318,10 +347,10 @@ ZO_UNROLL
   if (p.op == Q_PROBE) return probe_lanes(p, block, live, c);
   uint32_t val[4] = {0u, 0u, 0u, 0u};
   const int hits = p.op == Q_QUANTIZE ? (quantize_lanes(p, block, live, c, val), 0) : update_lanes(p, block, live, c, val);
-  uint8_t* q = static_cast<uint8_t*>(p.q);  // int8 two's complement or e4m3 bits; storage index = j
+  uint8_t b[4];  // int8 two's complement or e4m3 bits; storage index = j
 ZO_UNROLL
-  for (int l = 0; l < 4; ++l)
-    if (live[l]) q[i * 4 + l] = (uint8_t)val[l];
+  for (int l = 0; l < 4; ++l) b[l] = (uint8_t)val[l];
+  store_lanes<uint8_t>(p.q, i * 4, live, b);
   return hits;
 }
 
