@@ -152,3 +152,15 @@ def test_quzo_rejects_bad_configs():
         QuZO(model, lr=1e-3, eps=1e-3, update="twice")
     with pytest.raises(ValueError, match="no QuantLinear"):
         QuZO(torch.nn.Linear(4, 4), lr=1e-3, eps=1e-3)
+
+
+def test_quzo_act_sr_on_fp8_layers_uses_the_probe_query_for_both_signs():
+    """fp8 layers quantize their activations too: act_sr is accepted there, and the two probes of a
+    query draw the same activation uniforms (with equal probe weights, mu is exactly 0)."""
+    model, _, closure = _tiny_llama("fp8", matmul="fp8")
+    opt = QuZO(model, lr=0.0, eps=1e-9, seed=5, act_sr=True)
+    assert opt.config.act_sr
+    before = _qstate(model)
+    opt.step(closure)
+    assert opt.log.steps[-1].grads == (0.0,)
+    assert all(torch.equal(a, b) for a, b in zip(before, _qstate(model)))

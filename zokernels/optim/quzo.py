@@ -79,7 +79,7 @@ class QuZO(torch.optim.Optimizer):
     clamped elements' old values are recorded, so restore is bitwise even when the grid saturates).
     Both give bitwise-identical losses.
 
-    act_sr (matmul="w8a8" layers): activations are rounded stochastically during probes, both probes
+    act_sr (layers whose forward quantizes activations: matmul "w8a8" / "fp8"): activations are rounded stochastically during probes, both probes
     of a query drawing the same uniforms (common random numbers, STREAM_ACT_SR with the query).
 
     backend: the kernels of the probe weights and the update (zokernels.quant.ops.quant_backend; "auto":
@@ -127,8 +127,9 @@ class QuZO(torch.optim.Optimizer):
         if probe == "inplace" and "fp8" in fmts:
             raise ValueError("probe='inplace' needs integer formats (fp8 probes are re-rounded, not offsets); "
                              "use probe='fused'")
-        if act_sr and not any(m.matmul == "w8a8" for _, m in layers):
-            raise ValueError("act_sr=True needs W8A8 layers (quantize_model(..., matmul='w8a8'))")
+        if act_sr and not any(m.resolved_matmul(m.qweight.device) in ("w8a8", "fp8") for _, m in layers):
+            raise ValueError("act_sr=True needs layers that quantize their activations: quantize_model(..., "
+                             "matmul='w8a8' (int8) or 'fp8'), or matmul='auto' on CUDA")
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
         self.base_seed = C.check_u64(seed, "seed")

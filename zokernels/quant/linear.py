@@ -140,11 +140,11 @@ class QuantLinear(torch.nn.Module):
         return MM.pack_values_int4(self.qw, res.values) if packed else res.values
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        vals = self._probe_values()
+        mode = self.resolved_matmul(x.device)
+        vals = self._probe_values(packed_int4=mode == "w4a16")   # W4A16 reads the probe weights packed
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         out_dtype = x.dtype if x.is_floating_point() else self.out_dtype
-        mode = self.resolved_matmul(x.device)
         if mode == "w8a8":
             wq = self.qweight if vals is None else vals.to(torch.int8)
             xq, xs = Q.quantize_activations(x2, self._activation_uniforms(x2))
@@ -154,9 +154,8 @@ class QuantLinear(torch.nn.Module):
             xq, xs = MM.quantize_activations_fp8(x2, self._activation_uniforms(x2))
             y = MM.fp8_matmul(xq, xs, wq, self.scale.reshape(-1), self.bias, self.matmul_backend, out_dtype=out_dtype)
         elif mode == "w4a16":
-            packed = None if vals is None else MM.pack_values_int4(self.qw, vals)
             y = MM.w4a16_matmul(x2 if x.is_floating_point() else x2.to(torch.float32), self.qw, self.bias,
-                                self.matmul_backend, packed=packed, out_dtype=out_dtype)
+                                self.matmul_backend, packed=vals, out_dtype=out_dtype)
         else:
             w = F.dequantize(self.qw, vals)
             y = x2.to(torch.float32) @ w.t()
