@@ -224,7 +224,8 @@ zo::QuantParams quant_params(int op, int fmt, int dist, int out_kind, int in_dty
   if (query >= 4096u) throw py::value_error("query must be < 4096");
   if (n_coeffs < 0 || n_coeffs > 4096) throw py::value_error("at most 4096 queries");
   if (sign != 1 && sign != -1) throw py::value_error("sign must be +1 or -1");
-  if (out_kind < zo::QO_F32 || out_kind > zo::QO_GRID) throw py::value_error("bad probe output kind");
+  if (out_kind < zo::QO_F32 || out_kind > zo::QO_PACKED || (out_kind == zo::QO_PACKED && fmt != zo::QF_INT4))
+    throw py::value_error("bad probe output kind");
   zo::QuantParams p{};
   p.op = op;
   p.fmt = fmt;
@@ -351,6 +352,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.attr("QUANT_FORMATS") = py::dict(py::arg("int8") = (int)zo::QF_INT8, py::arg("int4") = (int)zo::QF_INT4,
                                      py::arg("fp8") = (int)zo::QF_FP8);
   m.attr("QUANT_OUT_GRID") = (int)zo::QO_GRID;
+  m.attr("QUANT_OUT_PACKED") = (int)zo::QO_PACKED;
 #define QUANT_PYARGS                                                                                             \
   py::arg("op"), py::arg("fmt"), py::arg("dist"), py::arg("out_kind"), py::arg("in_dtype"), py::arg("stochastic"), \
       py::arg("paper"), py::arg("n"), py::arg("k"), py::arg("kb"), py::arg("scale_cols"), py::arg("group"),         \

@@ -16,7 +16,8 @@ namespace zo {
 
 enum QuantOp : int { Q_QUANTIZE = 0, Q_PROBE = 1, Q_UPDATE = 2 };
 enum QuantFmt : int { QF_INT8 = 0, QF_INT4 = 1, QF_FP8 = 2 };
-enum QuantOut : int { QO_F32 = 0, QO_BF16 = 1, QO_F16 = 2, QO_GRID = 3 };  // probe output: float or grid values
+// probe output: float (dequantized), grid values, or int4 packed like the storage (uint8 [N, Kp/2], padding 0)
+enum QuantOut : int { QO_F32 = 0, QO_BF16 = 1, QO_F16 = 2, QO_GRID = 3, QO_PACKED = 4 };
 constexpr uint32_t STREAM_UPDATE_SR = 3, STREAM_QUANT_SR = 4, STREAM_QUZO_PROBE = 5, STREAM_QUZO_UPDATE = 6;
 constexpr float SR_CLAMP = 1073741824.0f;  // 2^30
 constexpr float E4M3_MAX = 448.0f;
@@ -211,10 +212,13 @@ ZO_UNROLL
   }
 }
 
-// Probe weights of the live lanes, written to out; returns how many saturated.
-ZO_HD int probe_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c) {
-  float z[4], v[4], wv[4] = {0.f, 0.f, 0.f, 0.f};
-  uint8_t gv[4] = {0, 0, 0, 0};
+// Probe weights of the live lanes: grid values gv (int8 two's complement or e4m3 bits) and dequantized
+// values wv; returns how many saturated.
+ZO_HD int probe_values(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c, uint8_t gv[4],
+                       float wv[4]) {
+  float z[4], v[4];
+ZO_UNROLL
+  for (int l = 0; l < 4; ++l) gv[l] = 0, wv[l] = 0.f;
   int32_t ivs[4];
   uint32_t bitss[4];
   load_q_lanes(p, block, live, c, ivs, bitss);
@@ -247,6 +251,14 @@ ZO_UNROLL
     gv[l] = grid;
     wv[l] = f_mul(val, s);
   }
+  return hits;
+}
+
+// Probe weights of the live lanes, written to out (index j); returns how many saturated.
+ZO_HD int probe_lanes(const QuantParams& p, uint64_t block, const bool live[4], const LaneCoords& c) {
+  uint8_t gv[4];
+  float wv[4];
+  const int hits = probe_values(p, block, live, c, gv, wv);
   const int64_t i0 = (int64_t)(block * 4u);  // output index of lane 0: j
   if (p.out_kind == QO_GRID) {
     store_lanes<uint8_t>(p.out, i0, live, gv);
@@ -311,8 +323,11 @@ ZO_UNROLL
 }
 
 // Work items: Philox blocks of the logical weight (4 elements each), except for the ops that write int4
-// storage, where an item is one storage byte (both nibbles owned by one thread, padding nibbles written 0).
-ZO_HD bool byte_items(const QuantParams& p) { return p.fmt == QF_INT4 && p.op != Q_PROBE; }
+// storage (quantize, update, probe into packed int4), where an item is one storage byte (both nibbles owned by
+// one thread, padding nibbles written 0).
+ZO_HD bool byte_items(const QuantParams& p) {
+  return p.fmt == QF_INT4 && (p.op != Q_PROBE || p.out_kind == QO_PACKED);
+}
 ZO_HD int64_t quant_items(const QuantParams& p) { return byte_items(p) ? p.n * p.kb : (p.n * p.k + 3) / 4; }
 
 // Work item i; returns the number of saturated elements.
@@ -329,13 +344,19 @@ ZO_HD int quant_item(const QuantParams& p, int64_t i) {
       c.n[lane] = n;
       c.k[lane] = k0 + h;
       uint32_t val[4] = {0u, 0u, 0u, 0u};
-      if (p.op == Q_QUANTIZE)
+      if (p.op == Q_QUANTIZE) {
         quantize_lanes(p, j >> 2, live, c, val);
-      else
+      } else if (p.op == Q_UPDATE) {
         hits += update_lanes(p, j >> 2, live, c, val);
+      } else {
+        uint8_t gv[4];
+        float wv[4];
+        hits += probe_values(p, j >> 2, live, c, gv, wv);
+        val[lane] = gv[lane];
+      }
       nib[h] = val[lane] & 0xFu;
     }
-    static_cast<uint8_t*>(p.q)[i] = (uint8_t)(nib[0] | (nib[1] << 4));
+    static_cast<uint8_t*>(p.op == Q_PROBE ? p.out : p.q)[i] = (uint8_t)(nib[0] | (nib[1] << 4));
     return hits;
   }
   const uint64_t block = (uint64_t)i;

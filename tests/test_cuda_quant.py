@@ -146,7 +146,10 @@ PROBE_OUTS = [None, torch.float32, torch.bfloat16, torch.float16]
 
 
 def _probe(impl, qw, out_dtype, seed, key, query, eps, sign, dist):
-    out = torch.empty(qw.shape, dtype=out_dtype or QO.grid_dtype(qw.fmt))
+    if out_dtype == torch.uint8:  # int4 packed like the storage; garbage first: every byte must be written
+        out = torch.full(qw.q.shape, 0x5A, dtype=torch.uint8)
+    else:
+        out = torch.empty(qw.shape, dtype=out_dtype or QO.grid_dtype(qw.fmt))
     sat = torch.zeros(1, dtype=torch.int64)
     impl.quant_probe(qw.q, qw.scale, qw.fmt, qw.shape, qw.group_size, seed, key, query, eps, sign, dist, out, sat)
     return out, int(sat)
@@ -158,7 +161,7 @@ def test_host_probe_bitwise(backend, same_z, fmt, dist):
     qw = _qweight(fmt, 20)
     key = C.param_key("w")
     sats = 0
-    for i, out_dtype in enumerate(PROBE_OUTS):
+    for i, out_dtype in enumerate(PROBE_OUTS + ([torch.uint8] if fmt == "int4" else [])):
         for sign in (1, -1):
             eps = 3e-3 if i % 2 else 0.5  # 0.5: tens of grid steps, many clamped elements
             got, gs = _probe(backend, qw, out_dtype, 7, key, 4095 - i, eps, sign, dist)
@@ -194,6 +197,17 @@ def test_host_update_bitwise(backend, same_z, fmt, form):
                                                                       form, "rademacher")[1],
                                                               _update(ref_backend, qw, 11, key, (50.0,), 1.0, 1e-3,
                                                                       form, "rademacher")[0].view(torch.uint8).sum())
+
+
+def test_packed_int4_probe_is_native(backend):
+    """probe_weights(out_dtype=uint8) uses the kernel's packed output (no int8 pass and torch pack)."""
+    assert backend.QUANT_PROBE_PACKED_INT4 is True
+    qw = _qweight("int4", 21)
+    packed, _ = _probe(backend, qw, torch.uint8, 3, 4, 5, 0.2, -1, "rademacher")
+    grid, _ = _probe(backend, qw, None, 3, 4, 5, 0.2, -1, "rademacher")
+    assert packed.shape == qw.q.shape
+    assert torch.equal(QR.unpack_int4(packed)[:, :qw.shape[1]], grid)
+    assert bool((QR.unpack_int4(packed)[:, qw.shape[1]:] == 0).all())
 
 
 def test_host_probe_gaussian_unpatched_is_nearly_bitwise(backend):
@@ -249,7 +263,7 @@ def test_gpu_quant_ops_match_reference(fmt):
         assert torch.equal(_u8(a.q).cpu(), _u8(b.q).cpu())
     qw = _to_cuda(_qweight(fmt, 61))
     for dist in ("rademacher", "gaussian"):
-        for out_dtype in PROBE_OUTS:
+        for out_dtype in PROBE_OUTS + ([torch.uint8] if fmt == "int4" else []):
             sat_c, sat_r = QO.new_counter("cuda"), QO.new_counter("cuda")
             got = QO.probe_weights(qw, 5, 6, 7, 0.3, -1, dist, out_dtype=out_dtype, saturated=sat_c, backend="cuda")
             want = QO.probe_weights(qw, 5, 6, 7, 0.3, -1, dist, out_dtype=out_dtype, saturated=sat_r,

@@ -179,4 +179,4 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
 
 
 from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
-from .quant import quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO quantized-weight ops)
+from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO)

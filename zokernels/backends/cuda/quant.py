@@ -12,7 +12,8 @@ import torch
 
 from . import _DIST_TAG, _DTYPE_TAG, NOT_BUILT, _ext
 
-_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}  # QO_F32, QO_BF16, QO_F16; grid: QO_GRID
+_OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 4}  # QO_*; grid: QO_GRID
+QUANT_PROBE_PACKED_INT4 = True  # quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out
 
 
 def _geometry(q: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int) -> tuple[int, int, int]:
@@ -54,7 +55,8 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
 def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                 seed: int, key: int, query: int, eps: float, sign: int, dist: str, out: torch.Tensor,
                 saturated: torch.Tensor) -> None:
-    """out <- probe weights of (query, sign) (grid values or dequantized); saturated += clamped elements."""
+    """out <- probe weights of (query, sign) (grid values, dequantized, or int4 packed into uint8 [N, Kp/2]);
+    saturated += clamped elements."""
     n, k = shape
     out_kind = _OUT_KIND.get(out.dtype, _ext.QUANT_OUT_GRID if _ext is not None else 3)
     _run(op="probe", fmt=fmt, n=n, k=k, q=q, scale=scale, group_size=group_size, seed=seed, key=key, dist=dist,

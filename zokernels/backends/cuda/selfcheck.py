@@ -65,7 +65,7 @@ def _quant() -> None:
     for fmt in ("int8", "int4", "fp8"):
         for rounding in ("nearest", "stochastic"):
             qw = F.quantize_weight(w, fmt, rounding=rounding, seed=1, key=2, group_size=32, backend="cuda")
-        for out_dtype in (None, torch.float32, torch.bfloat16, torch.float16):
+        for out_dtype in (None, torch.float32, torch.bfloat16, torch.float16) + ((torch.uint8,) if fmt == "int4" else ()):
             QO.probe_weights(qw, 1, 2, 3, 0.5, -1, out_dtype=out_dtype, backend="cuda")
         for form in ("single", "paper"):
             QO.update_(qw, 1, 2, (0.5, -1.0), 1e-2, 1e-3, form, backend="cuda")
