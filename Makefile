@@ -11,7 +11,7 @@ env: $(STAMP)
 
 # A venv that sees system packages, so a machine that already has a CUDA torch keeps it; otherwise
 # torch 2.13.0 (CPU build, from local disk on our machines) is installed first and pinned.
-$(STAMP): pyproject.toml setup.py requirements/cpu.txt requirements/runtime.txt requirements/data.txt
+$(STAMP): pyproject.toml setup.py requirements/cpu.txt requirements/runtime.txt requirements/data.txt $(wildcard csrc/*)
 	$(PYTHON) -m venv --system-site-packages $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0

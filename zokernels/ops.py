@@ -282,8 +282,9 @@ MASKED_OPS = ("masked_perturb_", "masked_zo_update_")
 
 def _masked_backend(device: torch.device, backend: str):
     """Like select_backend, but only backends that implement the masked ops. A requested backend
-    without them (the CUDA backend, for now) falls back to the 'auto' choice among those that have
-    them — deterministically, so replay with the same request reproduces training."""
+    without them (a CUDA module built before the masked kernels existed) falls back to the 'auto'
+    choice among those that have them — deterministically, so replay with the same request and the
+    same build reproduces training."""
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
     if backend != "auto":
