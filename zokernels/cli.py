@@ -86,6 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="what ZO tunes: all weights, every norm weight, the norm before the LM head, the last "
                         "--tune-layers decoder layers, or LoRA")
     t.add_argument("--tune-layers", type=int, default=1, help="decoder layers tuned by --tune last-layers")
+    t.add_argument("--tune-linears", default="",
+                   help="--tune last-layers: only these modules of the tuned layers, comma-separated last name "
+                        "segments (e.g. down_proj,o_proj; default: all their weights)")
     t.add_argument("--cache-trunk", choices=("auto", "no"), default="auto",
                    help="auto: with --tune final-norm or last-layers, compute the frozen decoder's hidden states "
                         "once per example (before the final norm / at the first tuned layer's input) and run "
@@ -175,6 +178,9 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     if args.eval_examples and args.dev_eval_examples is None:  # "--eval-examples 8": a quick run, dev too
         cfg["dev_eval_examples"] = min(cfg["dev_eval_examples"] or args.eval_examples, args.eval_examples)
     cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    cfg["tune_linears"] = [t.strip() for t in args.tune_linears.split(",") if t.strip()]
+    if cfg["tune_linears"] and cfg["tune"] != "last-layers":
+        parser.error("--tune-linears applies to --tune last-layers only")
     positive = ("max_steps", "batch_size", "n_queries", "train_examples", "max_text_tokens", "eval_batch_size",
                 "grad_accum", "lora_r", "tune_layers")
     for key in positive:
@@ -408,12 +414,13 @@ def run(cfg: dict) -> dict:
             f"({time.time() - t0:.1f}s)")
     model = select_trainable(model, tune, lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                              lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
-                             tune_layers=cfg.get("tune_layers", 1))
+                             tune_layers=cfg.get("tune_layers", 1), tune_linears=tuple(cfg["tune_linears"]) or None)
     quant_report, quzo_layers = None, None
     n_total = trainable_count(model)[1]  # before --quant turns linear weights into buffers
     if quant != "none":
         quant_report, quzo_layers = quantize_for_tuning(model, quant, tune, group_size=cfg["quant_group_size"],
-                                                        matmul=cfg["quant_matmul"], tune_layers=cfg["tune_layers"])
+                                                        matmul=cfg["quant_matmul"], tune_layers=cfg["tune_layers"],
+                                                        tune_linears=tuple(cfg["tune_linears"]) or None)
         head, emb = model.get_output_embeddings(), model.get_input_embeddings()
         tied = head is not None and emb is not None and head.weight is emb.weight
         say(str(quant_report) + f"; matmul {cfg['quant_matmul']}; lm_head stays {cfg['dtype']}"
@@ -429,7 +436,7 @@ def run(cfg: dict) -> dict:
     if cfg.get("cache_trunk", "auto") == "auto" and tune == "final-norm":
         model.zo_trunk_cache = FrozenTrunkCache(model)
         say("frozen trunk: decoder states are computed once per example (only the final norm is tuned)")
-    elif cfg.get("cache_trunk", "auto") == "auto" and tune == "last-layers":
+    elif cfg.get("cache_trunk", "auto") == "auto" and tune == "last-layers" and last_layers(model, cfg["tune_layers"])[0]:
         first, _ = last_layers(model, cfg["tune_layers"])
         model.zo_trunk_cache = LayerInputCache(model, first)
         say(f"frozen trunk: the input states of decoder layer {first} are computed once per example (layers "

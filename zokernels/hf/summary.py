@@ -17,9 +17,19 @@ def _pct(x: float) -> str:
 
 def row(metrics: dict) -> str:
     cfg, zo, fo = metrics["config"], metrics["zo"], metrics.get("fo")
-    cells = [cfg["device"], f"{cfg['tune']} ({metrics['trainable_params']:,} params)",
+    quant, zs = metrics.get("quant"), metrics["zero_shot"]
+    tunes = cfg["tune"] + (f" x{cfg.get('tune_layers', 1)}" if cfg["tune"] == "last-layers" else "")
+    if quant and metrics.get("optimizer") == "QuZO":
+        tunes = f"{tunes}: QuZO, {metrics['trainable_params']:,} {quant['fmt']} weights"
+    else:
+        tunes = f"{tunes} ({metrics['trainable_params']:,} params)" + (f", {quant['fmt']} base" if quant else "")
+    zero_shot = _pct(zs["test_accuracy"])
+    if quant:  # the zero-shot that the gain is measured from is the quantized model's
+        zero_shot += f" ({quant['fmt']}" + (f"; float {_pct(zs['float_model_test_accuracy'])})"
+                                            if zs.get("float_model_test_accuracy") is not None else ")")
+    cells = [cfg["device"], tunes,
              f"{zo['steps']} x {cfg['batch_size']}, q={cfg['n_queries']}", str(metrics["n_test"]),
-             _pct(metrics["zero_shot"]["test_accuracy"]), _pct(zo["test_accuracy"]), f"{zo['gain_points']:+.1f}",
+             zero_shot, _pct(zo["test_accuracy"]), f"{zo['gain_points']:+.1f}",
              f"{zo['mcnemar_vs_zero_shot']['p_value']:.3g}", _pct(fo["test_accuracy"]) if fo else "not run",
              f"{metrics['seconds']['total'] / 60:.1f} min"]
     return "| " + " | ".join(cells) + " |"

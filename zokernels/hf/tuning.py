@@ -49,12 +49,22 @@ def last_layers(model: nn.Module, n: int) -> tuple[int, list[nn.Module]]:
     return len(layers) - n, list(layers)[len(layers) - n:]
 
 
+def _linears_in(layers: list[nn.Module], linears: tuple[str, ...] | None) -> list[tuple[str, nn.Module]]:
+    """(name, module) of the linear-like modules of `layers` whose last name segment is in `linears`."""
+    found = [(n, m) for layer in layers for n, m in layer.named_modules() if n and n.rsplit(".", 1)[-1] in linears]
+    missing = sorted(set(linears) - {n.rsplit(".", 1)[-1] for n, _ in found})
+    if missing:
+        raise ZOError(f"--tune-linears {','.join(missing)}: no such module in the tuned decoder layers")
+    return found
+
+
 def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha: float = 16.0,
                      lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, seed: int = 0,
-                     tune_layers: int = 1) -> nn.Module:
+                     tune_layers: int = 1, tune_linears: tuple[str, ...] | None = None) -> nn.Module:
     """Set requires_grad for `mode` and return the model to train (a PeftModel for 'lora', whose adapter
     init is seeded so that the same seed gives the same starting weights). 'last-layers': every
-    parameter of the last `tune_layers` decoder layers."""
+    parameter of the last `tune_layers` decoder layers, or only those of the modules named in
+    `tune_linears` (last name segments, e.g. ('down_proj',))."""
     if mode not in TUNE_MODES:
         raise ZOError(f"--tune must be one of {', '.join(TUNE_MODES)}, got {mode!r}")
     if mode == "all":
@@ -64,8 +74,10 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
     for p in model.parameters():
         p.requires_grad_(False)
     if mode == "last-layers":
-        for layer in last_layers(model, tune_layers)[1]:
-            for p in layer.parameters():
+        layers = last_layers(model, tune_layers)[1]
+        modules = layers if not tune_linears else [m for _, m in _linears_in(layers, tune_linears)]
+        for module in modules:
+            for p in module.parameters():
                 p.requires_grad_(True)
         return model
     if mode in ("norms", "final-norm"):
@@ -96,7 +108,7 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
 
 
 def quantize_for_tuning(model: nn.Module, fmt: str, mode: str, *, group_size: int = 128, matmul: str = "dequant",
-                        tune_layers: int = 1):
+                        tune_layers: int = 1, tune_linears: tuple[str, ...] | None = None):
     """Quantize every nn.Linear except lm_head (tied to the embeddings in many models: it stays float and
     tied) and LoRA adapters, after select_trainable. Returns (QuantReport, names of the QuantLinear layers
     QuZO trains, or None when ZOSGD trains the float parameters of the scope on the frozen quantized base).
@@ -116,7 +128,9 @@ def quantize_for_tuning(model: nn.Module, fmt: str, mode: str, *, group_size: in
         p.requires_grad_(False)
     layers = quant_layers(model)
     if mode == "last-layers":
-        scope = {id(m) for layer in last_layers(model, tune_layers)[1] for m in layer.modules()}
+        tuned = last_layers(model, tune_layers)[1]
+        scope = {id(m) for _, m in _linears_in(tuned, tune_linears)} if tune_linears else \
+            {id(m) for layer in tuned for m in layer.modules()}
         layers = [(n, m) for n, m in layers if id(m) in scope]
     if not layers:
         raise ZOError(f"--tune {mode} with --quant {fmt}: no quantized linear layer in scope")
@@ -170,13 +184,15 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
     tokenizer = None
     if model is None:
         model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype=dtype)
+    linears = tuple(cfg.get("tune_linears") or ()) or None
     model = select_trainable(model, cfg["tune"], lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                              lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
-                             tune_layers=cfg.get("tune_layers", 1))
+                             tune_layers=cfg.get("tune_layers", 1), tune_linears=linears)
     quzo_layers = None
     if cfg.get("quant", "none") != "none":
         _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
-                                             matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1))
+                                             matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1),
+                                             tune_linears=linears)
     if quzo_layers is not None:
         from ..optim.quzo import replay_quzo
 
