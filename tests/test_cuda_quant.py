@@ -228,6 +228,24 @@ def test_quant_ops_through_the_public_api_on_cpu(backend):
         QO.probe_weights(qw, 1, 2, 0, 1e-2, 1, backend="cuda")
 
 
+def test_stale_build_offers_no_new_ops():
+    """A zokernels._cuda built before the masked / quant kernels (no launch_masked, launch_quant): the backend
+    leaves those ops out, so zokernels.ops and quant_backend fall back instead of an AttributeError at launch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, types; import zokernels; stale = types.ModuleType('zokernels._cuda'); "
+            "sys.modules['zokernels._cuda'] = stale; zokernels._cuda = stale; "
+            "from zokernels.backends import cuda; "
+            "print(cuda._ext is stale, hasattr(cuda, 'perturb_'), hasattr(cuda, 'masked_perturb_'), "
+            "hasattr(cuda, 'quant_probe'))")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": root})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split() == ["True", "True", "False", "False"], proc.stdout
+
+
 # ----------------------------------------------------------------------------- GPU
 def _gpu_backend():
     from zokernels.backends import cuda

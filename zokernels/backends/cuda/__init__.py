@@ -178,5 +178,10 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
             coeffs=coeffs, restore_scale=spec.restore_scale, restore_query=spec.restore_query)
 
 
-from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
-from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO)
+# A zokernels._cuda built before the masked / quantized-weight kernels existed lacks their entry points: the
+# ops are then not offered, so zokernels.ops and quant_backend fall back to another backend (deterministically)
+# instead of failing at the launch with an AttributeError.
+if _ext is None or hasattr(_ext, "launch_masked"):
+    from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
+if _ext is None or hasattr(_ext, "launch_quant"):
+    from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401

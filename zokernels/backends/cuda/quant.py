@@ -13,7 +13,8 @@ import torch
 from . import _DIST_TAG, _DTYPE_TAG, NOT_BUILT, _ext
 
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 4}  # QO_*; grid: QO_GRID
-QUANT_PROBE_PACKED_INT4 = True  # quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out
+# quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out (builds that have QO_PACKED)
+QUANT_PROBE_PACKED_INT4 = _ext is None or hasattr(_ext, "QUANT_OUT_PACKED")
 
 
 def _geometry(q: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int) -> tuple[int, int, int]:
