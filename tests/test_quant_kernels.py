@@ -265,6 +265,28 @@ def test_backend_choice():
         QO.probe_weights(_quantized("int8"), 1, 2, 0, 1e-3, 1, saturated=torch.zeros(1, dtype=torch.int32))
 
 
+def test_inconsistent_layouts_are_refused():
+    """Storage / scale that do not match (fmt, shape, group_size) never reach a kernel (the CUDA and Triton
+    kernels index raw memory from the shapes): ValueError naming the expected layout."""
+    qw = _quantized("int4")
+    bad = [F.QuantizedWeight("int4", qw.q, qw.scale, (N, K + 60), GROUP),         # K beyond the padded storage
+           F.QuantizedWeight("int4", qw.q, qw.scale[:, :2].contiguous(), qw.shape, GROUP),
+           F.QuantizedWeight("int8", qw.q, qw.scale, qw.shape, GROUP),               # uint8 storage called int8
+           F.QuantizedWeight("int4", qw.q, qw.scale, qw.shape, 0)]
+    for q in bad:
+        with pytest.raises(ValueError, match="group_size|expected storage"):
+            QO.probe_weights(q, 1, 2, 0, 1e-3, 1, backend="reference")
+        with pytest.raises(ValueError, match="group_size|expected storage"):
+            QO.update_(q, 1, 2, [1.0], 1e-3, 1e-3, backend="reference")
+    w = _weights("int8")
+    scale = F.compute_scale(w, "int8")
+    out = torch.empty(N, K - 1, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match="expected storage"):
+        QO.quantize_into(w, scale, "int8", 0, "nearest", 0, 0, out)
+    with pytest.raises(ValueError, match="2-d"):
+        QO.quantize_into(w[0], scale, "int8", 0, "nearest", 0, 0, out)
+
+
 def test_quantlinear_probe_values_kernel_and_cache_paths_agree():
     """QuantLinear._probe_values: the kernel path (int8 grid values, or packed int4 for W4A16) and the CPU
     step-cache path (materialized int32 values) give the same probe weights."""

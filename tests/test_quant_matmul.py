@@ -172,6 +172,37 @@ def test_w4a16_rejects_inconsistent_layouts():
             T.w4a16(x, qw.q, qw.scale, 128, b)
 
 
+def test_bad_operands_raise_before_any_kernel():
+    """Mismatched K, scale / bias sizes or devices are ValueErrors on every backend (the Triton kernels would
+    read past the tensors: they index raw memory from the shapes); wrong dtypes are TypeErrors."""
+    _, xq, xs, qf, b = _fp8_operands(13)
+    x4, q4, b4 = _int4_operands(14, 64, torch.float32)
+    for backend in ("reference", "triton"):
+        with pytest.raises(ValueError, match=r"activations \[M, 203\]"):
+            MM.fp8_matmul(xq[:, :200], xs, qf.q, qf.scale, b, backend)
+        with pytest.raises(ValueError, match="x_scale must have 19"):
+            MM.fp8_matmul(xq, xs[:5], qf.q, qf.scale, b, backend)
+        with pytest.raises(ValueError, match="w_scale must have 37"):
+            MM.fp8_matmul(xq, xs, qf.q, qf.scale[:30], b, backend)
+        with pytest.raises(ValueError, match="bias must have 37"):
+            MM.fp8_matmul(xq, xs, qf.q, qf.scale, b[:3], backend)
+        with pytest.raises(ValueError, match="one device"):
+            MM.fp8_matmul(xq, xs.to("meta"), qf.q, qf.scale, b, backend)
+        with pytest.raises(TypeError, match="float8_e4m3fn"):
+            MM.fp8_matmul(xq.float(), xs, qf.q, qf.scale, b, backend)
+        with pytest.raises(ValueError, match=r"activations \[M, 203\]"):
+            MM.w4a16_matmul(x4[:, :100], q4, b4, backend)
+        with pytest.raises(ValueError, match="bias must have 37"):
+            MM.w4a16_matmul(x4, q4, b4[:36], backend)
+        with pytest.raises(ValueError, match="packed int4 weights must be uint8"):
+            MM.w4a16_matmul(x4, q4, b4, backend, packed=q4.q[:, :64])
+    with pytest.raises(ValueError, match=r"activations \[M, 203\]"):
+        T.w8a8(torch.zeros(3, 202, dtype=torch.int8), torch.ones(3), torch.zeros(5, 203, dtype=torch.int8),
+               torch.ones(5), None)
+    with pytest.raises(ValueError, match="inconsistent int4 layout"):   # x of 100 columns vs a Kp = 256 weight
+        T.w4a16(x4[:, :100].contiguous(), q4.q, q4.scale, 64, b4)
+
+
 # ----------------------------------------------------------------------------- backend choice
 def test_backend_choice_is_explicit():
     cpu = torch.device("cpu")

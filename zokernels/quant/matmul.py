@@ -24,6 +24,7 @@ import torch
 from . import formats as F
 from . import reference as R
 from .ops import activation_uniforms, choose_matmul, int_mm_available, quantize_activations, w8a8_matmul
+from .triton_linear import check_operands  # imports no triton (the kernels are built on first use)
 
 FP8_BACKENDS = ("auto", "reference", "torch", "triton")
 W4A16_BACKENDS = ("auto", "reference", "torch", "triton")
@@ -110,6 +111,11 @@ def fp8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scal
                out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """y = float32(xq @ wq^T) * x_scale[:, None] * w_scale[None, :] + bias ([M, N] in out_dtype);
     xq [M, K], wq [N, K] float8_e4m3fn, scales float32 [M] and [N] (or [N, 1])."""
+    if xq.dtype != torch.float8_e4m3fn or wq.dtype != torch.float8_e4m3fn:
+        raise TypeError(f"fp8_matmul takes float8_e4m3fn operands, got {xq.dtype} and {wq.dtype}")
+    if wq.ndim != 2:
+        raise ValueError(f"expected a weight [N, K], got shape {tuple(wq.shape)}")
+    check_operands(xq, wq.shape[1], wq.shape[0], x_scale, wq, w_scale, bias)
     which = choose_fp8_backend(xq.device, backend)
     if which == "triton":
         reason = _triton_reason(xq.device, "fp8")
@@ -147,6 +153,10 @@ def w4a16_matmul(x: torch.Tensor, qw: F.QuantizedWeight, bias: torch.Tensor | No
     if qw.fmt != "int4":
         raise ValueError(f"w4a16_matmul needs an int4 weight, not {qw.fmt!r}")
     packed = qw.q if packed is None else packed
+    if packed.dtype != torch.uint8 or packed.shape != qw.q.shape:
+        raise ValueError(f"packed int4 weights must be uint8 {tuple(qw.q.shape)} like qw.q, got {packed.dtype} "
+                         f"{tuple(packed.shape)}")
+    check_operands(x, qw.shape[1], qw.shape[0], None, packed, qw.scale, bias)
     dt = x.dtype if x.dtype in (torch.float16, torch.bfloat16, torch.float32) else torch.float32
     x = x.to(dt)
     out_dtype = dt if out_dtype is None else out_dtype

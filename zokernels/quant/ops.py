@@ -102,12 +102,30 @@ def _check_counter(saturated: torch.Tensor | None, device) -> torch.Tensor:
     return saturated
 
 
-def _check_qw(qw: F.QuantizedWeight) -> None:
-    F.check_format(qw.fmt)
-    if not (qw.q.is_contiguous() and qw.scale.is_contiguous()):
+def _check_layout(fmt: str, q: torch.Tensor, scale: torch.Tensor, shape, group_size: int) -> None:
+    """Storage and scale of a logical [N, K] weight as the module docstring lays them out (the CUDA and Triton
+    kernels index raw memory from these shapes, so a mismatch must not reach them)."""
+    F.check_format(fmt)
+    n, k = (int(d) for d in shape)
+    if fmt == "int4":
+        if group_size <= 0 or group_size % 2:
+            raise ValueError(f"int4 needs a positive even group_size, got {group_size}")
+        kp = -(-k // group_size) * group_size
+        dtype, q_shape, s_shape = torch.uint8, (n, kp // 2), (n, kp // group_size)
+    else:
+        dtype, q_shape, s_shape = grid_dtype(fmt), (n, k), (n, 1)
+    if q.dtype != dtype or tuple(q.shape) != q_shape or tuple(scale.shape) != s_shape:
+        raise ValueError(f"{fmt} weight of shape {(n, k)}: expected storage {dtype} {q_shape} and scale {s_shape}, "
+                         f"got {q.dtype} {tuple(q.shape)} and {tuple(scale.shape)}")
+    if not (q.is_contiguous() and scale.is_contiguous()):
         raise ValueError("quantized weight storage and scale must be contiguous")
-    if qw.scale.dtype != torch.float32 or qw.scale.device != qw.q.device:
-        raise ValueError("scale must be float32 on the storage's device")
+    if scale.dtype != torch.float32 or scale.device != q.device:
+        raise ValueError(f"scale must be float32 on the storage's device ({q.device}), got {scale.dtype} on "
+                         f"{scale.device}")
+
+
+def _check_qw(qw: F.QuantizedWeight) -> None:
+    _check_layout(qw.fmt, qw.q, qw.scale, qw.shape, qw.group_size)
 
 
 # ----------------------------------------------------------------------------- quantization
@@ -117,6 +135,11 @@ def quantize_into(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: in
     C.check_rounding(rounding)
     if w.dtype not in ops.FLOAT_DTYPES:
         raise TypeError(f"quantize takes a float32/bfloat16/float16 weight, got {w.dtype}")
+    if w.ndim != 2:
+        raise ValueError(f"quantize takes a 2-d weight, got shape {tuple(w.shape)}")
+    _check_layout(fmt, out, scale, w.shape, group_size)
+    if out.device != w.device:
+        raise ValueError(f"out is on {out.device}, the weight on {w.device}")
     quant_backend(w.device, backend).quant_quantize(w.detach().contiguous(), scale, fmt, group_size, rounding,
                                                     C.check_u64(seed, "seed"), C.check_u64(key, "key"), out)
     return out

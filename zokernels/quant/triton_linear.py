@@ -182,8 +182,30 @@ def _launch(name: str, configs: tuple, group: int, tiles, args: tuple, m: int, n
     kernel[lambda meta: (-(-m // meta["BM"]), -(-n // meta["BN"]))](*args, **consts, enable_fp_fusion=False)
 
 
+def check_operands(x: torch.Tensor, k: int, n: int, x_scale: torch.Tensor | None, w: torch.Tensor,
+                   w_scale: torch.Tensor, bias: torch.Tensor | None) -> None:
+    """x [M, k], x_scale [M] (if any), w_scale [n] (or [n, G]: numel checked by the caller), bias [n], all on w's
+    device: the kernels read raw memory from these sizes, so a mismatch must raise here."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != k:
+        raise ValueError(f"expected activations [M, {k}] for a weight {tuple(w.shape)}, got {tuple(x.shape)}")
+    m = x.shape[0]
+    if x_scale is not None and x_scale.numel() != m:
+        raise ValueError(f"x_scale must have {m} values (one per row of x), got {x_scale.numel()}")
+    if w_scale.ndim == 1 or w_scale.shape[-1] == 1:
+        if w_scale.numel() != n:
+            raise ValueError(f"w_scale must have {n} values (one per output row), got {w_scale.numel()}")
+    if bias is not None and bias.numel() != n:
+        raise ValueError(f"bias must have {n} values, got {bias.numel()}")
+    others = [t for t in (x, x_scale, w_scale, bias) if t is not None]
+    if any(t.device != w.device for t in others):
+        raise ValueError(f"all operands must be on one device, got {sorted({str(t.device) for t in others + [w]})}")
+
+
 def _scaled_dot(kind: str, xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None, out_dtype: torch.dtype, tiles, fast_accum: bool = False) -> torch.Tensor:
+    if wq.ndim != 2:
+        raise ValueError(f"expected a weight [N, K], got shape {tuple(wq.shape)}")
+    check_operands(xq, wq.shape[1], wq.shape[0], x_scale, wq, w_scale, bias)
     _check(kind, xq.device)
     xq, wq = xq.contiguous(), wq.contiguous()
     m, k = xq.shape
@@ -229,17 +251,20 @@ def w4a16(x: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor, group_size
     """y = x @ (q * s)^T + bias with x [M, K] fp16/bf16/fp32, q int4 packed uint8 [N, Kp / 2] (element 2i in
     the low nibble, Kp a multiple of group_size >= K), s float32 [N, Kp / group_size]. The dequantized tile
     is cast to x's dtype; float32 accumulation."""
-    _check("w4a16", x.device)
     if x.dtype not in W4A16_DTYPES:
         raise TypeError(f"w4a16 activations must be one of {W4A16_DTYPES}, got {x.dtype}")
     if packed.dtype != torch.uint8:
         raise TypeError(f"w4a16 weights are packed uint8, got {packed.dtype}")
+    if x.ndim != 2 or packed.ndim != 2:
+        raise ValueError(f"expected x [M, K] and packed [N, Kp / 2], got {tuple(x.shape)} and {tuple(packed.shape)}")
     m, k = x.shape
     n, half = packed.shape
     kp = 2 * half
-    if kp % group_size or kp < k or scale.shape != (n, kp // group_size):
+    if group_size <= 0 or kp % group_size or not k <= kp < k + group_size or scale.shape != (n, kp // group_size):
         raise ValueError(f"inconsistent int4 layout: K={k}, packed {tuple(packed.shape)}, scale "
                          f"{tuple(scale.shape)}, group_size={group_size}")
+    check_operands(x, k, n, None, packed, scale, bias)
+    _check("w4a16", x.device)
     x, packed = x.contiguous(), packed.contiguous()
     sc = scale.to(torch.float32).contiguous()
     out = torch.empty(m, n, dtype=out_dtype, device=x.device)
