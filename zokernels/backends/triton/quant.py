@@ -65,6 +65,15 @@ def _tile_programs(numel: int, blocks: int) -> int:
     return -(-rows // blocks)
 
 
+def _write_programs(fmt: str, n: int, k: int, kb: int, blocks: int) -> tuple[int, bool]:
+    """(programs, QUAD) of the ops that write the storage (quantize, update): int4 with K % 4 != 0 takes the
+    byte-pair layout (4 * blocks storage bytes per program), everything else the tile."""
+    quad = fmt == "int4" and k % 4 == 0
+    if fmt == "int4" and not quad:
+        return -(-(n * kb) // (4 * blocks)), quad
+    return _tile_programs(n * k, blocks), quad
+
+
 def _f32(x: float) -> float:
     return float(torch.tensor(float(x), dtype=torch.float32))
 
@@ -76,8 +85,7 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
     n, k = w.shape
     kb, scols, group = _geometry(out, scale, fmt, group_size)
     blocks = _blocks(w.device, n * k)
-    quad = fmt == "int4" and k % 4 == 0
-    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" and not quad else _tile_programs(n * k, blocks)
+    programs, quad = _write_programs(fmt, n, k, kb, blocks)
     if programs == 0:
         return
     if quad and kb * 2 > k:
@@ -124,8 +132,7 @@ def quant_update_(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[i
     n, k = shape
     kb, scols, group = _geometry(q, scale, fmt, group_size)
     blocks = _blocks(q.device, n * k)
-    quad = fmt == "int4" and k % 4 == 0
-    programs = -(-(n * kb) // (4 * blocks)) if fmt == "int4" and not quad else _tile_programs(n * k, blocks)
+    programs, quad = _write_programs(fmt, n, k, kb, blocks)
     if programs == 0:
         return
     c = torch.tensor(list(coeffs) or [0.0], dtype=torch.float32).to(q.device)

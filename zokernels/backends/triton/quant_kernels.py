@@ -24,8 +24,9 @@ import triton
 import triton.language as tl
 
 from ... import contract as C
-from .kernels import (_block_words, _box_muller, _half_open_unit, _load_f32, _rademacher, _round_store, _v_tile,
-                      _z_tile)
+from .kernels import _load_f32, _round_store, _v_tile, _z_tile
+from .masked_kernels import _v_elem as _v_at  # z / v of arbitrary element indices j (lane j & 3 of block j >> 2)
+from .masked_kernels import _z_elem as _z_at
 
 SR_CLAMP = tl.constexpr(2.0 ** 30)
 E4M3_MAX = tl.constexpr(448.0)
@@ -140,32 +141,6 @@ def _scale_index(n, k, SCOLS, GROUP: tl.constexpr, FMT: tl.constexpr):
 
 
 @triton.jit
-def _lane_word(j, r0, r1, r2, r3):
-    lane = j & 3
-    return tl.where(lane == 0, r0, tl.where(lane == 1, r1, tl.where(lane == 2, r2, r3)))
-
-
-@triton.jit
-def _z_at(j, c1h, key_lo, key_hi, k0, k1, GAUSSIAN: tl.constexpr, PRECISE: tl.constexpr):
-    """z of elements j (any shape): the lane j & 3 of Philox block j >> 2 (same math as kernels._z_tile)."""
-    r0, r1, r2, r3 = _block_words(j >> 2, c1h, key_lo, key_hi, k0, k1)
-    lane = j & 3
-    if GAUSSIAN:
-        first = lane < 2
-        zc, zs = _box_muller(tl.where(first, r0, r2), tl.where(first, r1, r3), PRECISE)
-        z = tl.where((lane & 1) == 0, zc, zs)
-    else:
-        z = _rademacher(_lane_word(j, r0, r1, r2, r3))
-    return z
-
-
-@triton.jit
-def _v_at(j, c1h, key_lo, key_hi, k0, k1):
-    r0, r1, r2, r3 = _block_words(j >> 2, c1h, key_lo, key_hi, k0, k1)
-    return _half_open_unit(_lane_word(j, r0, r1, r2, r3))
-
-
-@triton.jit
 def _z_of(b, j, c1h, key_lo, key_hi, k0, k1, GAUSSIAN: tl.constexpr, PRECISE: tl.constexpr,
           GATHER: tl.constexpr):
     if GATHER:
@@ -217,6 +192,15 @@ def _store_int4_tile(q_ptr, b, vals, mask, NK, K, KB):
     addr = q_ptr + n0 * KB + ((j0 - n0 * K) >> 1)
     tl.store(addr, lo.to(tl.uint8), mask=j0 < NK)
     tl.store(addr + 1, hi.to(tl.uint8), mask=j0 < NK)
+
+
+@triton.jit
+def _pair_bytes(N, KB, BLOCKS: tl.constexpr):
+    """pairs layout: this program's storage bytes [4 BLOCKS] of the packed [N, KB] rows, their mask, row n and
+    byte i within the row (logical columns 2i, 2i + 1)."""
+    byte = tl.program_id(0).to(tl.int64) * (BLOCKS * 4) + tl.arange(0, BLOCKS * 4).to(tl.int64)
+    n = byte // KB
+    return byte, byte < N.to(tl.int64) * KB, n, byte - n * KB
 
 
 @triton.jit
@@ -295,10 +279,7 @@ def quantize_kernel(w_ptr, scale_ptr, out_ptr, N, K, KB, SCOLS, seed_lo, seed_hi
     c1 = c1_sr.to(tl.uint32, bitcast=True)
     if FMT == 1 and not QUAD:
         # pairs: program element = storage byte (n, i) of [N, KB]
-        byte = tl.program_id(0).to(tl.int64) * (BLOCKS * 4) + tl.arange(0, BLOCKS * 4).to(tl.int64)
-        bmask = byte < N.to(tl.int64) * KB
-        n = byte // KB
-        i = byte - n * KB
+        byte, bmask, n, i = _pair_bytes(N, KB, BLOCKS)
         packed = tl.zeros([BLOCKS * 4], dtype=tl.int32)
         for e in tl.static_range(2):
             k = 2 * i + e
@@ -383,10 +364,7 @@ def update_kernel(q_ptr, scale_ptr, coeff_ptr, sat_ptr, n_coeffs, N, K, KB, SCOL
     kl, kh = _key_words(key_lo, key_hi)
     c1 = c1_sr.to(tl.uint32, bitcast=True)
     if FMT == 1 and not QUAD:
-        byte = tl.program_id(0).to(tl.int64) * (BLOCKS * 4) + tl.arange(0, BLOCKS * 4).to(tl.int64)
-        bmask = byte < N.to(tl.int64) * KB
-        n = byte // KB
-        i = byte - n * KB
+        byte, bmask, n, i = _pair_bytes(N, KB, BLOCKS)
         old = tl.load(q_ptr + byte, mask=bmask, other=0).to(tl.int32)
         packed = tl.zeros([BLOCKS * 4], dtype=tl.int32)
         for e in tl.static_range(2):
