@@ -18,7 +18,7 @@ from .baselines import MeZO
 from .config import Config
 from .ours import OursInPlace
 from .record import Results
-from .timing import sync, time_adaptive
+from .timing import peak_bytes, peak_reset, time_adaptive
 
 DTYPE = torch.bfloat16
 
@@ -73,20 +73,6 @@ def _zosgd_class():
         return None, f"zokernels.ZOSGD not importable yet ({type(e).__name__}: {e})"
 
 
-def _peak_reset(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def _peak(dev: torch.device) -> int | None:
-    if dev.type != "cuda":
-        return None
-    sync(dev)
-    return torch.cuda.max_memory_allocated(dev)
-
-
 def largest_module_param_bytes(model: torch.nn.Module) -> int:
     """Bytes of the largest module's own parameters: what one module in flight can add."""
     best = 0
@@ -113,7 +99,7 @@ def run_e2e(cfg: Config, res: Results) -> None:
 
 def run_model(cfg: Config, res: Results, name: str) -> None:
     dev = cfg.device
-    _peak_reset(dev)
+    peak_reset(dev)
     model = build_model(name, cfg)
     conf = model.config
     n_params = sum(p.numel() for p in model.parameters())
@@ -137,19 +123,19 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
         if cfg.seconds_left() <= 0 and what != "inference forward":
             res.skip(f"e2e {name} {what}", "time budget used up (--time-budget)")
             return None
-        _peak_reset(dev)
+        peak_reset(dev)
         try:
             t = time_adaptive(fn, dev, warmup or cfg.warmup, cfg.e2e_repeats, cfg.case_seconds * 2, min_repeats=2)
         except torch.cuda.OutOfMemoryError as e:
-            res.add("memory", {**base, "what": what, "peak_bytes": _peak(dev), "oom": True,
+            res.add("memory", {**base, "what": what, "peak_bytes": peak_bytes(dev), "oom": True,
                                "error": str(e).splitlines()[0][:300]})
-            _peak_reset(dev)
+            peak_reset(dev)
             return None
         except Exception as e:  # noqa: BLE001 — one implementation failing must not end the model's run
             res.error(f"e2e {name} {what}", e)
-            _peak_reset(dev)
+            peak_reset(dev)
             return None
-        peak = _peak(dev)
+        peak = peak_bytes(dev)
         res.add("memory", {**base, "what": what, "peak_bytes": peak, "oom": False})
         return {**t.as_dict(), "peak_bytes": peak}
 
@@ -208,14 +194,14 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
         except Exception as e:  # noqa: BLE001
             res.error(f"e2e {name} {impl}", e)
         del opt
-        _peak_reset(dev)
+        peak_reset(dev)
 
     if cfg.seconds_left() > 0:
         first_order(cfg, res, model, closure, base)
     else:
         res.skip(f"e2e {name} first-order AdamW", "time budget used up (--time-budget)")
     del model, params
-    _peak_reset(dev)
+    peak_reset(dev)
 
 
 def first_order(cfg: Config, res: Results, model: torch.nn.Module, closure, base: dict) -> None:
@@ -230,14 +216,14 @@ def first_order(cfg: Config, res: Results, model: torch.nn.Module, closure, base
         closure().backward()
         opt.step()
 
-    _peak_reset(dev)
+    peak_reset(dev)
     try:
         t = time_adaptive(step, dev, 1, cfg.e2e_repeats, cfg.case_seconds * 2, min_repeats=2)
-        peak = _peak(dev)
+        peak = peak_bytes(dev)
         res.add("e2e", {**base, "impl": "first-order AdamW", "backend": "torch", **t.as_dict(), "peak_bytes": peak})
         res.add("memory", {**base, "what": "first-order AdamW step", "peak_bytes": peak, "oom": False})
     except torch.cuda.OutOfMemoryError as e:
-        res.add("memory", {**base, "what": "first-order AdamW step", "peak_bytes": _peak(dev), "oom": True,
+        res.add("memory", {**base, "what": "first-order AdamW step", "peak_bytes": peak_bytes(dev), "oom": True,
                            "error": str(e).splitlines()[0][:300]})
         res.add("e2e", {**base, "impl": "first-order AdamW", "backend": "torch", "oom": True})
     finally:
@@ -245,4 +231,4 @@ def first_order(cfg: Config, res: Results, model: torch.nn.Module, closure, base
         del opt
         for p in model.parameters():
             p.requires_grad_(False)
-        _peak_reset(dev)
+        peak_reset(dev)

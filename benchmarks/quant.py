@@ -30,8 +30,6 @@ On CPU the same code runs on tiny shapes (a smoke run: no Triton, no peak memory
 """
 from __future__ import annotations
 
-import gc
-
 import torch
 
 from zokernels import quant
@@ -41,25 +39,11 @@ from zokernels.quant import triton_linear as T
 
 from .config import Config
 from .record import Results
-from .timing import sync, time_adaptive
+from .timing import peak_bytes, peak_reset, time_adaptive
 
 LLAMA_LINEARS = (("q/k/v/o_proj", 4096, 4096), ("gate/up_proj", 11008, 4096), ("down_proj", 4096, 11008))
 INT4_GROUP = 128
 FORMATS = ("int8", "int4", "fp8")
-
-
-def _free(dev: torch.device) -> None:
-    gc.collect()
-    if dev.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(dev)
-
-
-def _peak(dev: torch.device) -> int | None:
-    if dev.type != "cuda":
-        return None
-    sync(dev)
-    return torch.cuda.max_memory_allocated(dev)
 
 
 def run_quant(cfg: Config, res: Results) -> None:
@@ -72,7 +56,7 @@ def run_quant(cfg: Config, res: Results) -> None:
             fn(cfg, res)
         except Exception as e:  # noqa: BLE001 — one part failing must not end the run
             res.error(f"quant {part}", e)
-        _free(cfg.device)
+        peak_reset(cfg.device)
         res.checkpoint()
 
 
@@ -100,7 +84,7 @@ def run_matmuls(cfg: Config, res: Results) -> None:
             run_matmul_shape(cfg, res, name, m, n, k)
         except Exception as e:  # noqa: BLE001
             res.error(f"quant matmul {name} {m}x{n}x{k}", e)
-        _free(dev)
+        peak_reset(dev)
         res.checkpoint()
 
 
@@ -299,7 +283,7 @@ def run_memory(cfg: Config, res: Results) -> None:
             continue
         model = None
         try:
-            _free(dev)
+            peak_reset(dev)
             model, rep = _build(cfg, fmt)
             resident = torch.cuda.memory_allocated(dev) if dev.type == "cuda" else None
             info = {**base, "format": label, "resident_bytes": resident,
@@ -310,7 +294,7 @@ def run_memory(cfg: Config, res: Results) -> None:
         except Exception as e:  # noqa: BLE001
             res.error(f"quant memory {label}", e)
         del model
-        _free(dev)
+        peak_reset(dev)
         res.checkpoint()
     _ratios(res)
 
@@ -324,14 +308,14 @@ def memory_cases(cfg: Config, res: Results, model: torch.nn.Module, ids: torch.T
         return model(input_ids=ids, labels=ids, use_cache=False).loss
 
     def measure(what: str, fn, repeats: int = 2) -> None:
-        _free(dev)
+        peak_reset(dev)
         try:
             t = time_adaptive(fn, dev, 1, repeats, cfg.case_seconds, min_repeats=repeats)
         except torch.cuda.OutOfMemoryError as e:
-            res.add("quant", {**info, "what": what, "peak_bytes": _peak(dev), "oom": True,
+            res.add("quant", {**info, "what": what, "peak_bytes": peak_bytes(dev), "oom": True,
                               "error": str(e).splitlines()[0][:300]})
             return
-        res.add("quant", {**info, "what": what, **t.as_dict(), "peak_bytes": _peak(dev), "oom": False})
+        res.add("quant", {**info, "what": what, **t.as_dict(), "peak_bytes": peak_bytes(dev), "oom": False})
 
     def forward() -> None:
         with torch.no_grad():
@@ -344,7 +328,7 @@ def memory_cases(cfg: Config, res: Results, model: torch.nn.Module, ids: torch.T
         return
     _zo_step(measure, zokernels.QuZO(model, lr=cfg.lr, eps=cfg.eps, n_queries=1, seed=0, probe="fused"), closure,
              f"QuZO step ({fmt})")
-    _free(dev)
+    peak_reset(dev)
     _first_order_step(measure, model, closure, cfg.quant_lora_rank, fmt)
 
 

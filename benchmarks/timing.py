@@ -1,6 +1,7 @@
 """Timing and device facts: CUDA events (or perf_counter on CPU), warmup, repeats, percentiles."""
 from __future__ import annotations
 
+import gc
 import platform
 import re
 import shutil
@@ -37,6 +38,22 @@ def percentile(sorted_values: list[float], q: float) -> float:
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def peak_reset(device: torch.device) -> None:
+    """Free what the last case left (gc, CUDA cache) and restart the peak-memory statistics."""
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_bytes(device: torch.device) -> int | None:
+    """torch.cuda.max_memory_allocated since the last peak_reset (None off CUDA)."""
+    if device.type != "cuda":
+        return None
+    sync(device)
+    return torch.cuda.max_memory_allocated(device)
 
 
 def time_fn(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> Timing:
