@@ -41,3 +41,37 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+def require_cuda_build() -> bool:
+    """ZOKERNELS_REQUIRE_CUDA=1 (CI with nvcc): a missing or unusable zokernels._cuda fails instead of skipping."""
+    return os.environ.get("ZOKERNELS_REQUIRE_CUDA", "0") not in ("", "0")
+
+
+@pytest.fixture(scope="module")
+def cuda_host_backend():
+    """zokernels.backends.cuda for host-twin tests (CPU tensors run the kernels' element code on the host);
+    skips if zokernels._cuda is not built (fails with ZOKERNELS_REQUIRE_CUDA=1)."""
+    try:
+        from zokernels import _cuda  # noqa: F401
+    except ImportError as e:
+        msg = f"zokernels._cuda is not importable ({e}); build it: python setup.py build_ext --inplace"
+        if require_cuda_build():
+            pytest.fail(msg + " [ZOKERNELS_REQUIRE_CUDA=1]")
+        pytest.skip(msg)
+    from zokernels.backends import cuda
+    return cuda
+
+
+@pytest.fixture
+def cuda_gpu_backend():
+    """zokernels.backends.cuda when it can run on the GPU, else skip with the reason (fail with
+    ZOKERNELS_REQUIRE_CUDA=1)."""
+    from zokernels.backends import cuda
+
+    reason = cuda.unavailable_reason(torch.device("cuda"))
+    if reason:
+        if require_cuda_build():
+            pytest.fail(reason)
+        pytest.skip(reason)
+    return cuda

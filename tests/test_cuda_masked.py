@@ -14,8 +14,6 @@ the CUDA backend for masked ops.
 """
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
 
@@ -25,21 +23,9 @@ from zokernels.backends._common import Group, UpdateSpec
 from zokernels.mazo.masks import ParamMask, index_dtype, pack_bits
 
 
-def _require() -> bool:
-    return os.environ.get("ZOKERNELS_REQUIRE_CUDA", "0") not in ("", "0")
-
-
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        from zokernels import _cuda  # noqa: F401
-    except ImportError as e:
-        msg = f"zokernels._cuda is not importable ({e}); build it: python setup.py build_ext --inplace"
-        if _require():
-            pytest.fail(msg + " [ZOKERNELS_REQUIRE_CUDA=1]")
-        pytest.skip(msg)
-    from zokernels.backends import cuda
-    return cuda
+def backend(cuda_host_backend):
+    return cuda_host_backend
 
 
 @pytest.fixture
@@ -221,28 +207,17 @@ def test_host_masked_empty_and_full_masks(backend):
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_backend():
-    from zokernels.backends import cuda
-
-    reason = cuda.unavailable_reason(torch.device("cuda"))
-    if reason:
-        if _require():
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return cuda
-
-
 @pytest.mark.gpu
-def test_gpu_ops_choose_cuda_for_masked_ops():
-    cuda = _gpu_backend()
+def test_gpu_ops_choose_cuda_for_masked_ops(cuda_gpu_backend):
+    cuda = cuda_gpu_backend
     assert ops._masked_backend(torch.device("cuda"), "auto") is cuda
     assert ops._masked_backend(torch.device("cuda"), "cuda") is cuda
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype,rounding,dist", CASES)
-def test_gpu_masked_ops_match_reference(dtype, rounding, dist):
-    cuda = _gpu_backend()
+def test_gpu_masked_ops_match_reference(dtype, rounding, dist, cuda_gpu_backend):
+    cuda = cuda_gpu_backend
     lrs = [0.05, 0.01, 0.1, 1.0, 0.02, 0.05, 0.3, 0.07]
     group, masks = _group(dtype, 3)
     ws = [t.cuda() for t in group.tensors]
@@ -277,9 +252,8 @@ def test_gpu_masked_ops_match_reference(dtype, rounding, dist):
 
 
 @pytest.mark.gpu
-def test_gpu_masked_large_row_topk_int32():
+def test_gpu_masked_large_row_topk_int32(cuda_gpu_backend):
     """A row longer than 32767 columns (int32 index) and > 2^32 offsets on the device."""
-    _gpu_backend()
     g = torch.Generator().manual_seed(6)
     w = _theta((3, 40001), torch.bfloat16, g).cuda()
     m = mazo.row_topk(torch.rand(w.shape, generator=g), 0.1).to("cuda")

@@ -28,21 +28,9 @@ from zokernels.quant import reference as QR
 RQ = pytest.importorskip("zokernels.backends.reference.quant")
 
 
-def _require() -> bool:
-    return os.environ.get("ZOKERNELS_REQUIRE_CUDA", "0") not in ("", "0")
-
-
 @pytest.fixture(scope="module")
-def backend():
-    try:
-        from zokernels import _cuda  # noqa: F401
-    except ImportError as e:
-        msg = f"zokernels._cuda is not importable ({e}); build it: python setup.py build_ext --inplace"
-        if _require():
-            pytest.fail(msg + " [ZOKERNELS_REQUIRE_CUDA=1]")
-        pytest.skip(msg)
-    from zokernels.backends import cuda
-    return cuda
+def backend(cuda_host_backend):
+    return cuda_host_backend
 
 
 @pytest.fixture
@@ -247,17 +235,6 @@ def test_stale_build_offers_no_new_ops():
 
 
 # ----------------------------------------------------------------------------- GPU
-def _gpu_backend():
-    from zokernels.backends import cuda
-
-    reason = cuda.unavailable_reason(torch.device("cuda"))
-    if reason:
-        if _require():
-            pytest.fail(reason)
-        pytest.skip(reason)
-    return cuda
-
-
 def _to_cuda(qw: F.QuantizedWeight) -> F.QuantizedWeight:
     return F.QuantizedWeight(qw.fmt, qw.q.cuda(), qw.scale.cuda(), qw.shape, qw.group_size)
 
@@ -271,8 +248,8 @@ def _assert_gpu_close(got: torch.Tensor, want: torch.Tensor, dist: str):
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
-def test_gpu_quant_ops_match_reference(fmt):
-    cuda = _gpu_backend()
+def test_gpu_quant_ops_match_reference(fmt, cuda_gpu_backend):
+    cuda = cuda_gpu_backend
     assert QO.quant_backend(torch.device("cuda")) is cuda
     w = _weight(fmt, 60).cuda()
     for rounding in ("nearest", "stochastic"):
@@ -300,9 +277,8 @@ def test_gpu_quant_ops_match_reference(fmt):
 
 
 @pytest.mark.gpu
-def test_gpu_quant_large_weight_counts_saturation():
+def test_gpu_quant_large_weight_counts_saturation(cuda_gpu_backend):
     """A weight over many CUDA blocks: the per-warp atomic sums equal the reference count."""
-    _gpu_backend()
     g = torch.Generator().manual_seed(7)
     w = torch.randn(1031, 2053, generator=g).cuda()
     qw = F.quantize_weight(w, "int8", group_size=GROUP, backend="cuda")
