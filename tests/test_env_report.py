@@ -6,7 +6,8 @@ import sys
 def test_environment_report_runs():
     out = subprocess.run([sys.executable, "-m", "zokernels"], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    for needle in ("perturbation contract v1", "torch", "backends on cpu:", "reference ok", "backend='auto'"):
+    for needle in ("perturbation contract v1", "torch", "backends on cpu:", "reference ok", "backend='auto'",
+                   "masked ops (MaZO): ", "quantized-weight ops (QuZO): "):
         assert needle in out.stdout, (needle, out.stdout)
 
 

@@ -47,6 +47,11 @@ def environment_report() -> str:
             lines.append(f"  {name:9s} {status}")
     lines.append(f"backend='auto' on {devices[-1]}: "
                  f"{registry.auto(devices[-1]).NAME}")
+    # the op families a backend may lack (e.g. a zokernels._cuda built before them): what 'auto' runs them on
+    from .ops import MASKED_OPS
+    from .quant.ops import QUANT_OPS
+    lines.append(f"  masked ops (MaZO): {registry.auto(devices[-1], needs=MASKED_OPS).NAME}; quantized-weight ops "
+                 f"(QuZO): {registry.auto(devices[-1], needs=QUANT_OPS).NAME}")
     return "\n".join(lines)
 
 
