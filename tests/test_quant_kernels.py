@@ -285,6 +285,13 @@ def test_inconsistent_layouts_are_refused():
         QO.quantize_into(w, scale, "int8", 0, "nearest", 0, 0, out)
     with pytest.raises(ValueError, match="2-d"):
         QO.quantize_into(w[0], scale, "int8", 0, "nearest", 0, 0, out)
+    qw = _quantized("int8")
+    with pytest.raises(ValueError, match="eps must be finite"):
+        QO.probe_weights(qw, 1, 2, 0, float("nan"), 1)
+    with pytest.raises(ValueError, match="lr must be finite"):
+        QO.update_(qw, 1, 2, [1.0], float("inf"), 1e-3)
+    with pytest.raises(ValueError, match="coeffs must be finite"):
+        QO.update_(qw, 1, 2, [1.0, float("nan")], 1e-3, 1e-3)
 
 
 def test_quantlinear_probe_values_kernel_and_cache_paths_agree():

@@ -218,7 +218,7 @@ def probe_weights(qw: F.QuantizedWeight, seed: int, key: int, query: int, eps: f
     out = torch.empty(qw.q.shape if packed and native else qw.shape, dtype=out_dtype if native else torch.int8,
                       device=device)
     mod.quant_probe(qw.q, qw.scale, qw.fmt, tuple(qw.shape), qw.group_size, C.check_u64(seed, "seed"),
-                    C.check_u64(key, "key"), C.check_query(query), float(eps), sign, dist, out, saturated)
+                    C.check_u64(key, "key"), C.check_query(query), ops._f32(eps, "eps"), sign, dist, out, saturated)
     if not native:
         out = R.pack_int4(torch.nn.functional.pad(out.to(torch.int32), (0, qw.padded_k - qw.shape[1])))
     return out
@@ -340,8 +340,8 @@ def update_(qw: F.QuantizedWeight, seed: int, key: int, coeffs: Sequence[float],
     saturated = _check_counter(saturated, device)
     quant_backend(device, backend).quant_update_(qw.q, qw.scale, qw.fmt, tuple(qw.shape), qw.group_size,
                                                  C.check_u64(seed, "seed"), C.check_u64(key, "key"),
-                                                 [float(c) for c in coeffs], float(lr), float(eps), form, dist,
-                                                 saturated)
+                                                 [ops._f32(c, "coeffs") for c in coeffs], ops._f32(lr, "lr"),
+                                                 ops._f32(eps, "eps"), form, dist, saturated)
     return saturated
 
 
