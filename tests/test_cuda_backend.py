@@ -36,15 +36,8 @@ def _require() -> bool:
 
 
 @pytest.fixture(scope="module")
-def ext():
-    try:
-        from zokernels import _cuda
-    except ImportError as e:
-        msg = f"zokernels._cuda is not importable ({e}); build it: python setup.py build_ext --inplace"
-        if _require():
-            pytest.fail(msg + " [ZOKERNELS_REQUIRE_CUDA=1]")
-        pytest.skip(msg)
-    return _cuda
+def ext(cuda_host_backend):
+    return cuda_host_backend._ext   # zokernels._cuda (the fixture skips / fails when it is not built)
 
 
 def test_backend_import_never_fails_and_explains():
