@@ -9,9 +9,6 @@ pytest.importorskip("transformers", reason="transformers is not installed")
 
 from test_cli import run_cli, tiny_csv, tiny_model_dir  # noqa: E402
 
-pytestmark = pytest.mark.usefixtures("one_thread")
-
-
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     root = tmp_path_factory.mktemp("quant_cli")
