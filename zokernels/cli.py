@@ -37,11 +37,11 @@ GPU_DEFAULTS = dict(tune="all", dtype="bfloat16", lr=1e-6, lr_scheduler="constan
                     n_queries=1, train_examples=1000, dev_examples=500, test_examples=1000,
                     eval_examples=0, dev_eval_examples=0, eval_every=1000, max_text_tokens=64, eval_batch_size=64,
                     probe="auto", logging_steps=10, fo_lr=1e-5)
-# QuZO on CPU (--quant with --tune all / last-layers): a QuZO step on the last layer's down_proj (885K int8
-# weights) costs ~1 s of reference-backend Philox on 2 idle cores (15 s on the shared machine of the measured
-# run), so the CPU schedule is short. lr 1e-3, eps 1e-3: |mu| ~ 1-2 on this task, so an update moves a weight
-# by ~lr*|mu|*|z|/s ~ 0.5 grid steps (s ~ 2e-3); on 100 dev examples 40 steps kept dev accuracy at 0.63
-# (zero-shot 0.61) — see docs/quzo.md for the measured run.
+# QuZO on CPU (--quant with --tune all / last-layers): QuZO's reference-backend Philox dominates a step (the
+# last layer's down_proj, 885K int8 weights: ~15 s per step with the cached trunk on the shared 2-core machine
+# of the measured run), so the CPU schedule is short. lr 1e-3, eps 1e-3: |mu| ~ 1-2 on this task, an update
+# moves a weight by ~lr*|mu|*|z|/s ~ 0.5 grid steps (s ~ 2e-3); lr 1e-2 raised the train loss (dev search,
+# docs/quzo.md). Measured with these values: 100 steps left test accuracy unchanged (67.5% -> 67.0%, p = 1).
 QUZO_CPU_DEFAULTS = dict(lr=1e-3, eps=1e-3, max_steps=100, lr_scheduler="linear", eval_every=25)
 QUZO_MODES = ("all", "last-layers")
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,

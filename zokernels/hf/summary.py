@@ -19,6 +19,8 @@ def row(metrics: dict) -> str:
     cfg, zo, fo = metrics["config"], metrics["zo"], metrics.get("fo")
     quant, zs = metrics.get("quant"), metrics["zero_shot"]
     tunes = cfg["tune"] + (f" x{cfg.get('tune_layers', 1)}" if cfg["tune"] == "last-layers" else "")
+    if cfg.get("tune_linears"):
+        tunes += f" ({','.join(cfg['tune_linears'])})"
     if quant and metrics.get("optimizer") == "QuZO":
         tunes = f"{tunes}: QuZO, {metrics['trainable_params']:,} {quant['fmt']} weights"
     else:
