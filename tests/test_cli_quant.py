@@ -90,6 +90,7 @@ def test_zosgd_on_a_quantized_base(capsys, tmp_path, tiny, fmt, tune):
 
 @pytest.mark.parametrize("extra, needle", [
     (["--quant", "int4", "--quant-matmul", "w8a8"], "--quant-matmul w8a8 needs --quant int8"),
+    (["--quant", "int8", "--quant-matmul", "w4a16"], "--quant-matmul w4a16 needs --quant int4"),
     (["--quant", "int8", "--tune", "all", "--baseline", "fo"], "straight-through estimator"),
     (["--quant", "int8", "--tune", "last-layers", "--weight-decay", "0.1"], "QuZO (--quant with --tune all / last-layers) has no weight decay"),
     (["--quant", "int4", "--quant-group-size", "48"], "--quant-group-size must be 32, 64 or 128"),

@@ -104,8 +104,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "quantized weights (float parameters frozen); final-norm / norms / lora: ZOSGD trains "
                         "those float parameters on the frozen quantized base")
     q.add_argument("--quant-group-size", type=int, default=128, help="int4 scale group: 32, 64 or 128 columns")
-    q.add_argument("--quant-matmul", choices=("auto", "dequant", "w8a8"), default="auto",
-                   help="auto: w8a8 (int8 x int8 -> int32) for int8 on a GPU, else dequant (float matmul)")
+    q.add_argument("--quant-matmul", choices=("auto", "dequant", "w8a8", "w4a16", "fp8"), default="auto",
+                   help="forward path of the quantized layers; auto: on a GPU the format's own (int8: w8a8 "
+                        "int8 x int8 -> int32, int4: w4a16, fp8: e4m3 x e4m3), on CPU dequant (float matmul)")
     q.add_argument("--float-zero-shot", choices=("yes", "no"), default="yes",
                    help="with --quant: also measure the float model's zero-shot test accuracy before quantizing")
     t.add_argument("--lora-r", type=int, default=8)
@@ -165,12 +166,14 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 "quant_group_size", "float_zero_shot"):
         cfg[key] = getattr(args, key)
     cfg["device"] = device
+    from .quant.linear import AUTO_MATMUL, MATMUL_FORMAT
+
     matmul = args.quant_matmul
-    if matmul == "auto":
-        matmul = "w8a8" if cfg["quant"] == "int8" and device == "cuda" else "dequant"
+    if matmul == "auto":  # resolved here so that run_config.json (and rebuild_model) record the path used
+        matmul = AUTO_MATMUL.get(cfg["quant"], "dequant") if device == "cuda" else "dequant"
     cfg["quant_matmul"] = matmul if cfg["quant"] != "none" else None
-    if cfg["quant"] != "int8" and args.quant_matmul == "w8a8":
-        parser.error(f"--quant-matmul w8a8 needs --quant int8, got --quant {cfg['quant']}")
+    if matmul in MATMUL_FORMAT and cfg["quant"] != MATMUL_FORMAT[matmul]:
+        parser.error(f"--quant-matmul {matmul} needs --quant {MATMUL_FORMAT[matmul]}, got --quant {cfg['quant']}")
     if cfg["quant"] == "int4" and cfg["quant_group_size"] not in (32, 64, 128):  # quant.formats.GROUP_SIZES
         parser.error(f"--quant-group-size must be 32, 64 or 128, got {cfg['quant_group_size']}")
     if quzo and cfg["baseline"] == "fo":
