@@ -12,7 +12,7 @@ dense (no mask), random / magnitude (Sparse MeZO) / Wanda / MaZO masks at each -
 top-k). Writes results.json, results.md (table) and accuracy.png to --out.
 
     python examples/mazo_multitask.py --quick          # smoke run: last decoder layer, 4 steps
-    python examples/mazo_multitask.py --cpu            # CPU run (~30 min, 2 cores): last decoder layer
+    python examples/mazo_multitask.py --cpu            # CPU run (40 min on a shared 2-core machine): last layer
     python examples/mazo_multitask.py                  # GPU: all decoder matrices, bf16, MeZO-like schedule
     python examples/mazo_multitask.py --cpu --eval-split dev --methods dense --lr 3e-4   # lr search (dev only)
     python examples/mazo_multitask.py --render results/mazo-cpu/results.json [--update-doc docs/mazo.md]
@@ -59,8 +59,8 @@ LAST_LAYER = r"layers\.29\.(self_attn|mlp)\.\w+_proj\.weight$"
 FULL = dict(params=r"layers\.\d+\.(self_attn|mlp)\.\w+_proj\.weight$", steps=2000, lr=1e-6, masked_lr=1e-5,
             eps=1e-3, batch=16, train=1000, dev=200, test=500, calib_batches=8, dtype="bfloat16", max_tokens=64,
             objective="ce", schedule="constant", ratios="0.1")
-# CPU: the last decoder layer's 7 matrices (3.54M weights) over cached layer-29 inputs, fp32. Chosen
-# on the dev split (never test): see docs/mazo.md §7 for the search and the timing.
+# CPU: the last decoder layer's 7 matrices (3.54M weights) over cached layer-29 inputs, fp32. lr and
+# masked_lr chosen on the dev split (never test) at these steps/sizes: docs/mazo.md §7 (search, timing).
 CPU = dict(params=LAST_LAYER, steps=120, lr=3e-4, masked_lr=3e-3, eps=1e-3, batch=16, train=200, dev=100,
            test=200, calib_batches=4, dtype="float32", max_tokens=48, objective="ce", schedule="linear",
            ratios="0.1")
@@ -93,7 +93,7 @@ def parse_args(argv):
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="smoke run (last layer, 4 steps, small eval)")
-    mode.add_argument("--cpu", action="store_true", help="CPU run: last layer over cached inputs, ~30 min")
+    mode.add_argument("--cpu", action="store_true", help="CPU run: last layer over cached inputs, ~40 min")
     ap.add_argument("--ratios", help="mask ratios, comma separated (e.g. 0.01,0.1,0.5)")
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--steps", type=int)
