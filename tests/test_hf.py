@@ -356,6 +356,28 @@ def test_layer_input_cache_equals_the_full_forward(first_layer):
             assert not torch.allclose(moved, got[2])
 
 
+def test_layer_input_cache_keeps_the_graph_under_autograd():
+    """A batch that is all new fills the cache with a no_grad full forward; under autograd that output
+    must not stand in (it has no graph): the result carries gradients to the tuned layers, equal to
+    the uncached model's."""
+    from zokernels.hf.scoring import LayerInputCache
+
+    model = tiny_llama(layers=3).eval()
+    for n, p in model.named_parameters():
+        p.requires_grad_(n.startswith("model.layers.2."))
+    batch = collator()(EXAMPLES[:4])
+    tuned = model.model.layers[2].mlp.down_proj.weight
+
+    candidate_scores(model, batch).sum().backward()
+    want = tuned.grad.clone()
+    tuned.grad = None
+    model.zo_trunk_cache = LayerInputCache(model, 2, verify=False)
+    scores = candidate_scores(model, batch)  # every row missing: the fill path
+    assert scores.requires_grad
+    scores.sum().backward()
+    torch.testing.assert_close(tuned.grad, want, rtol=1e-5, atol=1e-6)
+
+
 def test_layer_input_cache_refusals():
     from zokernels.hf.errors import ZOError
     from zokernels.hf.scoring import LayerInputCache
