@@ -75,3 +75,30 @@ def cuda_gpu_backend():
             pytest.fail(reason)
         pytest.skip(reason)
     return cuda
+
+
+@pytest.fixture
+def compile_sm90():
+    """run(script) -> stdout: runs a Python script that compiles Triton kernels for sm_90 (no GPU needed) in a
+    subprocess without TRITON_INTERPRET and with FP contraction off; skips when triton's CUDA backend or its
+    bundled ptxas is missing, fails on any other error."""
+    import subprocess
+    import sys
+
+    try:
+        from triton.backends.compiler import GPUTarget  # noqa: F401
+    except Exception as e:  # noqa: BLE001
+        pytest.skip(f"triton's CUDA backend is not importable: {e}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+    def run(script: str) -> str:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(PYTHONPATH=root, TRITON_DEFAULT_FP_FUSION="0")
+        proc = subprocess.run([sys.executable, "-c", script], cwd=root, env=env, capture_output=True, text=True,
+                              timeout=600)
+        if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
+            pytest.skip("triton's bundled ptxas is missing")
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    return run

@@ -10,9 +10,6 @@ across a rounding boundary: there, at most 1% of the elements may differ, by one
 """
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -372,27 +369,16 @@ for name, fn, ptrs, consts in cases:
 """
 
 
-def test_triton_quant_kernels_compile_for_sm90():
+def test_triton_quant_kernels_compile_for_sm90(compile_sm90):
     """Without a GPU: the quant kernels compile for sm_90 down to a cubin (catches GPU-only compile errors),
     every float32 division is IEEE div.rn (plain `/` would be the approximate div.full), and the probe and
     update kernels count saturation with a global atomic."""
-    try:
-        from triton.backends.compiler import GPUTarget  # noqa: F401
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"triton's CUDA backend is not importable: {e}")
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=root)
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=root, env=env, capture_output=True, text=True,
-                          timeout=600)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("triton's bundled ptxas is missing")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [line.split("|") for line in proc.stdout.strip().splitlines()]
-    assert len(rows) == 3, proc.stdout
+    stdout = compile_sm90(_COMPILE)
+    rows = [line.split("|") for line in stdout.strip().splitlines()]
+    assert len(rows) == 3, stdout
     for name, div_rn, div_full, atomics in rows:
-        assert int(div_rn) > 0 and int(div_full) == 0, (name, proc.stdout)
-        assert int(atomics) >= (0 if name.startswith("quantize") else 1), (name, proc.stdout)
+        assert int(div_rn) > 0 and int(div_full) == 0, (name, stdout)
+        assert int(atomics) >= (0 if name.startswith("quantize") else 1), (name, stdout)
 
 
 # ----------------------------------------------------------------------------- GPU

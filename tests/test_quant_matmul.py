@@ -3,9 +3,6 @@ FP8 (e4m3 x e4m3 -> float32) and W4A16 (int4 unpacked + dequantized in the mainl
 references within 2x the error of a naive bfloat16 implementation (the rule of tests/test_quant.py's W8A8
 test), odd shapes that are no tile multiples; QuantLinear's matmul modes (incl. "auto" and probes) against
 its dequant path; the Triton kernels compile for sm_90 (wgmma) without a GPU; GPU-only checks marked gpu."""
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,7 +16,6 @@ from zokernels.quant.linear import ProbeSpec, QuantLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 M, K, N = 19, 203, 37          # no multiple of any tile (16 / 32 / 64) nor of the int4 groups
 NEEDS_TRITON = T.unavailable_reason(torch.device("cpu"))
 
@@ -328,23 +324,11 @@ print("w4a16 bf16", compile_(ks["w4a16"], ptrs, {"GROUP": 128, "IEEE": False, "H
 """
 
 
-def test_triton_kernels_compile_for_sm90():
+def test_triton_kernels_compile_for_sm90(compile_sm90):
     """Without a GPU: Triton compiles the three kernels (int8, e4m3, W4A16 bf16) for sm_90 down to a cubin,
     with Hopper wgmma instructions (catches GPU-only compile errors; the run itself needs the GPU tests)."""
-    try:
-        import importlib
-        importlib.import_module("triton.backends.compiler")
-    except Exception as e:  # noqa: BLE001
-        pytest.skip(f"triton's CUDA backend is not importable: {e}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.update(PYTHONPATH=ROOT, TRITON_DEFAULT_FP_FUSION="0")
-    proc = subprocess.run([sys.executable, "-c", _COMPILE], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=300)
-    if proc.returncode != 0 and "ptxas" in proc.stderr and "not found" in proc.stderr.lower():
-        pytest.skip("triton's bundled ptxas is missing")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    lines = proc.stdout.split("\n")
-    assert sum(line.endswith(" True") for line in lines) == 3, proc.stdout
+    lines = compile_sm90(_COMPILE).split("\n")
+    assert sum(line.endswith(" True") for line in lines) == 3, "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- GPU
