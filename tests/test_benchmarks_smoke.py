@@ -272,3 +272,26 @@ def test_harness_gpu_quick(tmp_path):
     assert all(r["peak_bytes"] for r in data["memory"] if not r["oom"])
     masked = {(r["backend"], r["rule"]) for r in data["masked"]}
     assert ("triton", "rows") in masked and ("triton", "blocks16") in masked, masked
+
+
+def test_gpu_session_script_stages_and_outputs(tmp_path):
+    """benchmarks/gpu_session.sh (the one-call H100 check) on CPU with the heavy stages skipped: every stage
+    is listed with its result, a failing stage does not stop the next, and $OUT holds summary.txt and
+    session.tgz with each stage's log."""
+    import tarfile
+
+    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, ZK_TOTAL_S="120",
+               ZK_SKIP="build tests sanitizer bench", PATH="/usr/bin:/bin")  # no nvidia-smi, no nvcc: env fails
+    proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    summary = (tmp_path / "summary.txt").read_text()
+    assert summary in proc.stdout
+    rows = {line.split(" | ")[0]: line for line in summary.splitlines() if " | " in line and not line.startswith(" ")}
+    assert set(rows) == {"stage", "env", "build", "report", "tests", "sanitizer", "bench", "table"}, summary
+    assert "skipped (ZK_SKIP)" in rows["build"] and "skipped (ZK_SKIP)" in rows["bench"]
+    assert "rc 0" not in rows["env"]  # nvidia-smi is missing: the stage fails ...
+    assert rows["report"].startswith("report | rc 0") and rows["table"].startswith("table | rc 0")  # ... the rest runs
+    with tarfile.open(tmp_path / "session.tgz") as tar:
+        names = {os.path.basename(n) for n in tar.getnames()}
+    assert {"env.log", "report.log", "table.log", "summary.txt"} <= names
