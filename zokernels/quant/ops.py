@@ -385,7 +385,10 @@ def _torch_int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
         if (mp, kp, np_) != (m, k, n):
             a = torch.nn.functional.pad(a, (0, kp - k, 0, mp - m))
             b_t = torch.nn.functional.pad(b_t, (0, np_ - n, 0, kp - k))
-        return torch._int_mm(a, b_t.contiguous())[:m, :n]
+        try:  # b_t = wq.t() is column-major: cuBLASLt's "TN" int8 layout, taken as is (no weight copy per call)
+            return torch._int_mm(a, b_t)[:m, :n]
+        except RuntimeError:  # a cuBLAS/torch build that refuses this layout: row-major copy
+            return torch._int_mm(a, b_t.contiguous())[:m, :n]
     return torch._int_mm(a, b_t)
 
 
