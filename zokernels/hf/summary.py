@@ -6,7 +6,7 @@ import json
 import os
 import sys
 
-HEADER = ("| device | ZO tunes | steps x batch | test examples | zero-shot | ZO fine-tuned | gain (points) "
+HEADER = ("| device | ZO tunes | steps x batch, seed | test examples | zero-shot | ZO fine-tuned | gain (points) "
           "| McNemar p | first-order | wall time |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
 
@@ -30,7 +30,7 @@ def row(metrics: dict) -> str:
         zero_shot += f" ({quant['fmt']}" + (f"; float {_pct(zs['float_model_test_accuracy'])})"
                                             if zs.get("float_model_test_accuracy") is not None else ")")
     cells = [cfg["device"], tunes,
-             f"{zo['steps']} x {cfg['batch_size']}, q={cfg['n_queries']}", str(metrics["n_test"]),
+             f"{zo['steps']} x {cfg['batch_size']}, q={cfg['n_queries']}, seed {cfg.get('seed', 0)}", str(metrics["n_test"]),
              zero_shot, _pct(zo["test_accuracy"]), f"{zo['gain_points']:+.1f}",
              f"{zo['mcnemar_vs_zero_shot']['p_value']:.3g}", _pct(fo["test_accuracy"]) if fo else "not run",
              f"{metrics['seconds']['total'] / 60:.1f} min"]

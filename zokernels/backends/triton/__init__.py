@@ -129,6 +129,7 @@ class _Tables(NamedTuple):
     chunks: torch.Tensor   # int64 [P, 2]: tensor index, first Philox block of program p
     programs: int
     base: int              # index of the tensor whose pointer is the base pointer
+    aligned: bool          # every delta, numel and offset is a multiple of 4 (the kernels' ALIGNED hint)
 
 
 def _cached(key, build):
@@ -168,7 +169,14 @@ def _build_tables(rows: tuple, blocks: int, device: torch.device, base: int) -> 
     start = torch.cumsum(programs, 0) - programs
     within = torch.arange(index.numel(), dtype=torch.int64) - start[index]
     chunks = torch.stack([index, first[index] + within * blocks], dim=1).contiguous()
-    return _Tables(tab.to(device), chunks.to(device), index.numel(), base)
+    return _Tables(tab.to(device), chunks.to(device), index.numel(), base, _quads(rows))
+
+
+def _quads(rows) -> bool:
+    """Every (delta, numel, offset) a multiple of 4 elements: then each Philox block's 4 elements are one
+    aligned vector of the base pointer's alignment, and the ALIGNED kernels load/store them as one 8-byte
+    (16-bit) or 16-byte (float32) access (sm_90 PTX: ld.global.v2/v4 instead of 4 scalar loads)."""
+    return all(d % 4 == 0 and n % 4 == 0 and o % 4 == 0 for d, n, _, o in rows)
 
 
 def _tables(tensors: list[torch.Tensor], keys: list[int], offsets: list[int], blocks: int) -> _Tables:
@@ -257,7 +265,7 @@ def _fill(mode: int, src: torch.Tensor, out: torch.Tensor, seed: int, key: int, 
     tabs = _tables([out], [key], [offset], blocks)
     _launch(kernels.fill_kernel, (tabs.programs,), out.device, src, _pointer(out), tabs.tab, tabs.chunks,
             *_seed_words(seed), _c1_high(query, stream),
-            MODE=mode, GAUSSIAN=gaussian, KIND=_KIND[out.dtype], BLOCKS=blocks)
+            MODE=mode, GAUSSIAN=gaussian, KIND=_KIND[out.dtype], BLOCKS=blocks, ALIGNED=tabs.aligned)
 
 
 def fill_perturbation(out: torch.Tensor, seed: int, key: int, query: int, stream: int, dist: str,
@@ -286,15 +294,17 @@ def _perturb(group: Group, outs: list[torch.Tensor] | None, seed: int, scale: fl
     if tabs.programs == 0:
         return
     src = _pointer(group.tensors[tabs.base])
+    aligned = tabs.aligned
     if outs is None:
         dst, out_deltas = src, tabs.tab
     else:
         dst, out_deltas = _pointer(outs[tabs.base]), _out_deltas(outs, tabs.base)
+        aligned = aligned and all(d % 4 == 0 for d in _deltas(outs, tabs.base))
     stochastic = rounding == "stochastic" and group.dtype != torch.float32
     _launch(kernels.perturb_kernel, (tabs.programs,), device, src, dst, tabs.tab, out_deltas, tabs.chunks,
             *_seed_words(seed), _c1_high(query, C.STREAM_Z), _c1_high(query, sr_stream), float(scale),
             KIND=_KIND[group.dtype], GAUSSIAN=dist == "gaussian", STOCHASTIC=stochastic, COPY=outs is not None,
-            BLOCKS=blocks)
+            BLOCKS=blocks, ALIGNED=aligned)
 
 
 def perturb_(group: Group, seed: int, scale: float, query: int, dist: str, rounding: str,
@@ -326,6 +336,6 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
             float(spec.restore_scale) if restore else 0.0,
             _c1_high(spec.restore_query if restore else 0, C.STREAM_Z), _c1_high(0, spec.sr_stream),
             KIND=_KIND[group.dtype], GAUSSIAN=spec.dist == "gaussian", STOCHASTIC=stochastic, RESTORE=restore,
-            BLOCKS=blocks)
+            BLOCKS=blocks, ALIGNED=tabs.aligned)
 from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
 from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO)

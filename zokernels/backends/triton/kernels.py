@@ -16,10 +16,14 @@ PTX instructions there); under the interpreter libdevice returns None, and tl.* 
 float32 functions. sqrt is tl.sqrt_rn in both. Launch with enable_fp_fusion=False so that no
 multiply-add is contracted and float32 arithmetic follows the reference step by step.
 
-PTX for sm_90 compiled offline (triton 3.9, no GPU at hand): the kernels' own float32 ops are
-mul.rn/add.rn (no contraction), no approximate sin/cos/lg2 instructions (libdevice's internal fma are
-its algorithm), no local-memory spills; loads/stores are scalar b32/b16, coalesced, not vectorized
-(base + delta - offset has no alignment the compiler can prove). Throughput: pending GPU measurement.
+PTX for sm_90 compiled offline (triton 3.9, no GPU at hand; tests/test_triton_backend.py checks it): the
+kernels' own float32 ops are mul.rn/add.rn (no contraction), no approximate instructions. A thread owns
+whole Philox blocks: the four lanes are joined in registers (_lanes), and when every delta, numel and
+offset of a launch is a multiple of 4 (ALIGNED, the usual case: parameters of 4k elements from the caching
+allocator) the hints let the compiler prove each block's 4 elements one aligned vector: one 8-byte (16-bit)
+or 16-byte (float32) load and store per block and no shared-memory layout conversion (update bf16 before
+this: 47 bar.sync and 4 scalar 2-byte loads per block; unaligned launches now: 11-17 bar.sync, scalar).
+Throughput: pending GPU measurement (benchmarks/gpu_session.sh).
 """
 from __future__ import annotations
 
@@ -105,13 +109,11 @@ def _rademacher(r):
 @triton.jit
 def _lanes(w0, w1, w2, w3):
     """[BLOCKS] x 4 -> [BLOCKS, 4] with column l = w_l."""
-    lane = tl.arange(0, 4)[None, :]
-    return tl.where(lane == 0, w0[:, None],
-                    tl.where(lane == 1, w1[:, None], tl.where(lane == 2, w2[:, None], w3[:, None])))
+    return tl.reshape(tl.join(tl.join(w0, w2), tl.join(w1, w3)), [w0.shape[0], 4])
 
 
 @triton.jit
-def _z_tile(b, c1_high, key_lo, key_hi, k0, k1, GAUSSIAN: tl.constexpr, PRECISE: tl.constexpr):
+def _z_words(b, c1_high, key_lo, key_hi, k0, k1, GAUSSIAN: tl.constexpr, PRECISE: tl.constexpr):
     r0, r1, r2, r3 = _block_words(b, c1_high, key_lo, key_hi, k0, k1)
     if GAUSSIAN:
         z0, z1 = _box_muller(r0, r1, PRECISE)
@@ -121,6 +123,12 @@ def _z_tile(b, c1_high, key_lo, key_hi, k0, k1, GAUSSIAN: tl.constexpr, PRECISE:
         z1 = _rademacher(r1)
         z2 = _rademacher(r2)
         z3 = _rademacher(r3)
+    return z0, z1, z2, z3
+
+
+@triton.jit
+def _z_tile(b, c1_high, key_lo, key_hi, k0, k1, GAUSSIAN: tl.constexpr, PRECISE: tl.constexpr):
+    z0, z1, z2, z3 = _z_words(b, c1_high, key_lo, key_hi, k0, k1, GAUSSIAN, PRECISE)
     return _lanes(z0, z1, z2, z3)
 
 
@@ -200,7 +208,7 @@ def _round_store(ptr, x, v, mask, KIND: tl.constexpr, STOCHASTIC: tl.constexpr):
 
 
 @triton.jit
-def _tile(tab_ptr, chunk_ptr, BLOCKS: tl.constexpr):
+def _tile(tab_ptr, chunk_ptr, BLOCKS: tl.constexpr, ALIGNED: tl.constexpr):
     """This program's tensor index t, Philox blocks b [BLOCKS], local element index [BLOCKS, 4],
     mask, the tensor's pointer delta and its key words."""
     pid = tl.program_id(0).to(tl.int64)
@@ -210,6 +218,10 @@ def _tile(tab_ptr, chunk_ptr, BLOCKS: tl.constexpr):
     numel = tl.load(tab_ptr + TAB_WIDTH * t + 1)
     key = tl.load(tab_ptr + TAB_WIDTH * t + 2)
     offset = tl.load(tab_ptr + TAB_WIDTH * t + 3)
+    if ALIGNED:
+        delta = tl.multiple_of(delta, 4)
+        numel = tl.multiple_of(numel, 4)
+        offset = tl.multiple_of(offset, 4)
     b = first_block + tl.arange(0, BLOCKS).to(tl.int64)
     lane = tl.arange(0, 4).to(tl.int64)
     local = b[:, None] * 4 + lane[None, :] - offset
@@ -239,9 +251,9 @@ def philox_kernel(ctr_ptr, out_ptr, n, k0, k1, BLOCK: tl.constexpr):
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "c1_high"])
 def fill_kernel(in_ptr, out_ptr, tab_ptr, chunk_ptr, seed_lo, seed_hi, c1_high,
                 MODE: tl.constexpr, GAUSSIAN: tl.constexpr, KIND: tl.constexpr, BLOCKS: tl.constexpr,
-                PRECISE: tl.constexpr):
+                PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """MODE 0: out = z (float32); 1: out = v (float32); 2: out = SR(in (float32), v) as KIND."""
-    t, b, local, mask, delta, key_lo, key_hi = _tile(tab_ptr, chunk_ptr, BLOCKS)
+    t, b, local, mask, delta, key_lo, key_hi = _tile(tab_ptr, chunk_ptr, BLOCKS, ALIGNED)
     k0 = seed_lo.to(tl.uint32, bitcast=True)
     k1 = seed_hi.to(tl.uint32, bitcast=True)
     c1h = c1_high.to(tl.uint32, bitcast=True)
@@ -258,9 +270,9 @@ def fill_kernel(in_ptr, out_ptr, tab_ptr, chunk_ptr, seed_lo, seed_hi, c1_high,
 @triton.jit(do_not_specialize=["seed_lo", "seed_hi", "c1_z", "c1_sr"])
 def perturb_kernel(in_ptr, out_ptr, tab_ptr, out_delta_ptr, chunk_ptr, seed_lo, seed_hi, c1_z, c1_sr, scale,
                    KIND: tl.constexpr, GAUSSIAN: tl.constexpr, STOCHASTIC: tl.constexpr, COPY: tl.constexpr,
-                   BLOCKS: tl.constexpr, PRECISE: tl.constexpr):
+                   BLOCKS: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """out = R(theta + scale * z); in place when COPY is false (out_ptr is in_ptr)."""
-    t, b, local, mask, delta, key_lo, key_hi = _tile(tab_ptr, chunk_ptr, BLOCKS)
+    t, b, local, mask, delta, key_lo, key_hi = _tile(tab_ptr, chunk_ptr, BLOCKS, ALIGNED)
     k0 = seed_lo.to(tl.uint32, bitcast=True)
     k1 = seed_hi.to(tl.uint32, bitcast=True)
     z = _z_tile(b, c1_z.to(tl.uint32, bitcast=True), key_lo, key_hi, k0, k1, GAUSSIAN, PRECISE)
@@ -272,6 +284,8 @@ def perturb_kernel(in_ptr, out_ptr, tab_ptr, out_delta_ptr, chunk_ptr, seed_lo, 
         v = x
     if COPY:
         out_delta = tl.load(out_delta_ptr + t)
+        if ALIGNED:
+            out_delta = tl.multiple_of(out_delta, 4)
     else:
         out_delta = delta
     _round_store(out_ptr + out_delta + local, x, v, mask, KIND, STOCHASTIC)
@@ -280,22 +294,31 @@ def perturb_kernel(in_ptr, out_ptr, tab_ptr, out_delta_ptr, chunk_ptr, seed_lo, 
 @triton.jit(do_not_specialize=["n_coeffs", "seed_lo", "seed_hi", "c1_restore", "c1_sr"])
 def update_kernel(ptr, tab_ptr, chunk_ptr, lrwd_ptr, coeff_ptr, n_coeffs, seed_lo, seed_hi, restore_scale,
                   c1_restore, c1_sr, KIND: tl.constexpr, GAUSSIAN: tl.constexpr, STOCHASTIC: tl.constexpr,
-                  RESTORE: tl.constexpr, BLOCKS: tl.constexpr, PRECISE: tl.constexpr):
+                  RESTORE: tl.constexpr, BLOCKS: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """theta' = theta (+ restore_scale * z_restore); acc = c_0 z_0; acc = acc + c_q z_q (q = 1..);
     theta <- R(theta' - lr * (acc + wd * theta'))."""
-    t, b, local, mask, delta, key_lo, key_hi = _tile(tab_ptr, chunk_ptr, BLOCKS)
+    t, b, local, mask, delta, key_lo, key_hi = _tile(tab_ptr, chunk_ptr, BLOCKS, ALIGNED)
     k0 = seed_lo.to(tl.uint32, bitcast=True)
     k1 = seed_hi.to(tl.uint32, bitcast=True)
     theta = _load_f32(ptr + delta + local, mask, KIND)
     if RESTORE:
         theta = theta + restore_scale * _z_tile(b, c1_restore.to(tl.uint32, bitcast=True), key_lo, key_hi,
                                                 k0, k1, GAUSSIAN, PRECISE)
-    acc = tl.zeros([BLOCKS, 4], dtype=tl.float32)
-    for q in range(0, n_coeffs):
+    # acc = c_0 z_0 + c_1 z_1 + ... in the reference's order (it starts from the first term, not 0 + term;
+    # +0 without terms). The four lanes are accumulated as [BLOCKS] vectors and joined once: a loop-carried
+    # [BLOCKS, 4] tile got another register layout than the loads on sm_90 and cost shared-memory round trips
+    # (PTX of the aligned bf16 update: 10 bar.sync with the tile, 0 with the lanes).
+    c = tl.load(coeff_ptr)
+    z0, z1, z2, z3 = _z_words(b, tl.cast(0, tl.uint32), key_lo, key_hi, k0, k1, GAUSSIAN, PRECISE)
+    some = n_coeffs > 0
+    a0, a1, a2, a3 = tl.where(some, z0 * c, 0.0), tl.where(some, z1 * c, 0.0), tl.where(some, z2 * c, 0.0), \
+        tl.where(some, z3 * c, 0.0)
+    for q in range(1, n_coeffs):
         c = tl.load(coeff_ptr + q)
         c1q = tl.cast(q, tl.uint32) << 16  # stream 0 (STREAM_Z); q is a python int under the interpreter
-        term = _z_tile(b, c1q, key_lo, key_hi, k0, k1, GAUSSIAN, PRECISE) * c
-        acc = tl.where(q == 0, term, acc + term)  # the reference starts from the first term, not 0 + term
+        z0, z1, z2, z3 = _z_words(b, c1q, key_lo, key_hi, k0, k1, GAUSSIAN, PRECISE)
+        a0, a1, a2, a3 = a0 + z0 * c, a1 + z1 * c, a2 + z2 * c, a3 + z3 * c
+    acc = _lanes(a0, a1, a2, a3)
     lr = tl.load(lrwd_ptr + 2 * t)
     wd = tl.load(lrwd_ptr + 2 * t + 1)
     new = theta - (acc + theta * wd) * lr
