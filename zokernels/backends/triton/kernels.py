@@ -22,7 +22,7 @@ whole Philox blocks: the four lanes are joined in registers (_lanes), and when e
 offset of a launch is a multiple of 4 (ALIGNED, the usual case: parameters of 4k elements from the caching
 allocator) the hints let the compiler prove each block's 4 elements one aligned vector: one 8-byte (16-bit)
 or 16-byte (float32) load and store per block and no shared-memory layout conversion (update bf16 before
-this: 47 bar.sync and 4 scalar 2-byte loads per block; unaligned launches now: 11-17 bar.sync, scalar).
+this: 47 bar.sync and 4 scalar 2-byte loads per block; unaligned launches now: 5-17 bar.sync, scalar).
 Throughput: pending GPU measurement (benchmarks/gpu_session.sh).
 """
 from __future__ import annotations
