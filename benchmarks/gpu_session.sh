@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
 # Everything a lent H100 session needs, in ONE device call (the lease is 15 min of device time in all, a
 # machine start included, and one command may run 10 min): build zokernels._cuda, the GPU tests,
-# compute-sanitizer over the CUDA ops, the benchmark suite with the time that is left, the README table.
+# compute-sanitizer over the CUDA and Triton ops, the benchmark suite with the time that is left, the README
+# table.
 #
-#   device run: command "bash benchmarks/gpu_session.sh", timeout_s 590
+#   device run: command "bash benchmarks/gpu_session.sh", timeout_s 590 (ZK_TOTAL_S <= timeout_s - 30, and
+#               <= the limit_s the device reports: a lease with less time left gets a shorter limit)
 #   here, after:  tar xzf <files_at>/session.tgz -C /tmp/gpu && cp /tmp/gpu/bench/*.{json,md,png} benchmarks/results/
 #                 python -m benchmarks.report --readme
 #
-# Each stage has its own cap, so a failing or slow stage leaves time to the next; every log goes into
-# $OUT/session.tgz and the stage table ($OUT/summary.txt) is printed last (the reply carries the tail).
-# $OUT returns at most 8 files: summary.txt, session.tgz and the benchmark's .json/.md/.png.
+# Each stage has its own cap, so a failing or slow stage leaves time to the next; $OUT is refreshed after every
+# stage (a command killed at the device's limit still returns what was done). $OUT returns at most 8 files:
+# summary.txt (the stage table, also printed last), session.tgz (every log, the benchmark results, the GPU
+# tests' junit xml) and the benchmark's .json/.md/.png. Exit status: the number of failed stages.
 # ZK_TOTAL_S (default 560) is the whole script's budget; ZK_SKIP="tests sanitizer" drops stages.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -17,43 +20,72 @@ OUT=${OUT:-/tmp/zokernels-gpu-session}
 S=$(mktemp -d)
 mkdir -p "$OUT" "$S/bench"
 export PYTHONUNBUFFERED=1 ZOKERNELS_REQUIRE_CUDA=1 TRITON_CACHE_DIR="$S/triton-cache"
-PY=${PYTHON:-python3}
+export PY=${PYTHON:-python3}
 TOTAL=${ZK_TOTAL_S:-560}
+[[ $TOTAL =~ ^[0-9]+$ ]] || { echo "ZK_TOTAL_S must be a whole number of seconds, got '$TOTAL'" >&2; exit 2; }
 T0=$(date +%s)
+FAILED=0
 left() { echo $((TOTAL - $(date +%s) + T0)); }
 skipped() { [[ " ${ZK_SKIP:-} " == *" $1 "* ]]; }
 
+flush_out() {  # what $OUT returns, refreshed after every stage
+  cp "$S"/bench/*.json "$S"/bench/*.md "$S"/bench/*.png "$OUT"/ 2>/dev/null
+  cp "$S/summary.txt" "$OUT/summary.txt"
+  tar czf "$OUT/session.tgz.part" -C "$S" --exclude triton-cache . && mv "$OUT/session.tgz.part" "$OUT/session.tgz"
+}
+
 stage() {  # stage NAME CAP_S CMD...: runs CMD under timeout CAP (never past the script's budget), log in $S
-  local name=$1 cap=$2 rc t
+  local name=$1 cap=$2 rc t note=""
   shift 2
   if skipped "$name"; then echo "$name | skipped (ZK_SKIP)" >> "$S/summary.txt"; return; fi
   ((cap > $(left) - 15)) && cap=$(($(left) - 15))
-  if ((cap < 10)); then echo "$name | not run: budget spent" >> "$S/summary.txt"; return; fi
+  if ((cap < 10)); then
+    echo "$name | not run: budget spent" >> "$S/summary.txt"
+    FAILED=$((FAILED + 1))
+    return
+  fi
   t=$(date +%s)
   timeout --kill-after=10 "$cap" "$@" > "$S/$name.log" 2>&1
   rc=$?
-  echo "$name | rc $rc$([ $rc = 124 ] && echo ' (timed out)') | $(($(date +%s) - t)) s of cap $cap s" >> "$S/summary.txt"
+  ((rc == 124 || rc == 137)) && note=" (timed out)"
+  ((rc != 0)) && FAILED=$((FAILED + 1))
+  echo "$name | rc $rc$note | $(($(date +%s) - t)) s of cap $cap s" >> "$S/summary.txt"
   tail -n 3 "$S/$name.log" | sed 's/^/    /' >> "$S/summary.txt"
+  flush_out
 }
 
 finish() {
-  cp "$S"/bench/*.json "$S"/bench/*.md "$S"/bench/*.png "$OUT"/ 2>/dev/null
-  tar czf "$OUT/session.tgz" -C "$S" --exclude triton-cache .
-  cp "$S/summary.txt" "$OUT/summary.txt"
-  echo "== stages ($(($(date +%s) - T0)) s of $TOTAL s)"
+  flush_out
+  echo "== stages ($(($(date +%s) - T0)) s of $TOTAL s, $FAILED failed)"
   cat "$S/summary.txt"
+  rm -rf "$S"
+  exit "$FAILED"
 }
 trap finish EXIT
 
 echo "stage | result | time" > "$S/summary.txt"
-stage env 30 bash -c "nvidia-smi; $PY -c 'import sys, torch, triton, transformers; print(sys.version); \
-print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)'; nvcc --version"
+stage env 30 bash -c 'set -e; nvidia-smi; "$PY" -c "import sys, torch, triton, transformers; print(sys.version); \
+print(torch.__version__, torch.version.cuda, triton.__version__, transformers.__version__)"; nvcc --version'
 stage build 150 "$PY" setup.py build_ext --inplace
 stage report 60 "$PY" -m zokernels
-stage tests 150 "$PY" -m pytest -m gpu -q -rs -p no:cacheprovider tests
-stage sanitizer 60 compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m zokernels.backends.cuda.selfcheck
-# the benchmark suite stops starting new cases past --time-budget and checkpoints after every section
-BUDGET=$(($(left) - 45))
-stage bench $((BUDGET + 30)) "$PY" -m benchmarks --out "$S/bench" --time-budget "$BUDGET" \
-  --e2e-reserve $((BUDGET * 170 / 480))
+# -v and durations: a log that names the test that was running when the cap hit; the CUDA sanitizer test is
+# the sanitizer stage's job
+TIMEOUT_OPT=()
+"$PY" -c "import pytest_timeout" 2>/dev/null && TIMEOUT_OPT=(--timeout=120)
+stage tests 170 "$PY" -m pytest -m gpu -v -rs --durations=15 -p no:cacheprovider "${TIMEOUT_OPT[@]}" \
+  --junitxml "$S/tests.xml" --deselect tests/test_cuda_backend.py::test_gpu_under_compute_sanitizer tests
+# one cudaMalloc per tensor, so that memcheck sees an access past a tensor's end
+stage sanitizer 90 env PYTORCH_NO_CUDA_MEMORY_CACHING=1 bash -c 'set -e
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m zokernels.backends.cuda.selfcheck --backend cuda
+  compute-sanitizer --tool memcheck --error-exitcode 3 "$PY" -m zokernels.backends.cuda.selfcheck --backend triton'
+# the benchmark suite stops starting new cases past --time-budget and checkpoints after every section; its own
+# clock starts after torch is imported, hence the margin
+BUDGET=$(($(left) - 50))
+if ((BUDGET >= 60)); then
+  stage bench $((BUDGET + 35)) "$PY" -m benchmarks --out "$S/bench" --time-budget "$BUDGET" \
+    --e2e-reserve $((BUDGET * 170 / 480))
+else
+  echo "bench | not run: $BUDGET s of budget left (< 60 s)" >> "$S/summary.txt"
+  FAILED=$((FAILED + 1))
+fi
 stage table 20 "$PY" -m benchmarks.report --readme --results "$S/bench"

@@ -274,24 +274,60 @@ def test_harness_gpu_quick(tmp_path):
     assert ("triton", "rows") in masked and ("triton", "blocks16") in masked, masked
 
 
-def test_gpu_session_script_stages_and_outputs(tmp_path):
-    """benchmarks/gpu_session.sh (the one-call H100 check) on CPU with the heavy stages skipped: every stage
-    is listed with its result, a failing stage does not stop the next, and $OUT holds summary.txt and
-    session.tgz with each stage's log."""
-    import tarfile
-
-    env = dict(os.environ, OUT=str(tmp_path), PYTHON=sys.executable, ZK_TOTAL_S="120",
-               ZK_SKIP="build tests sanitizer bench", PATH="/usr/bin:/bin")  # no nvidia-smi, no nvcc: env fails
+def _gpu_session(tmp_path, python: str, total: int, skip: str) -> tuple[subprocess.CompletedProcess, dict]:
+    out = tmp_path / "out"
+    env = dict(os.environ, OUT=str(out), PYTHON=python, ZK_TOTAL_S=str(total), ZK_SKIP=skip,
+               PATH="/usr/bin:/bin")  # no nvidia-smi here
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    summary = (tmp_path / "summary.txt").read_text()
-    assert summary in proc.stdout
+    summary = (out / "summary.txt").read_text()
+    assert summary in proc.stdout, proc.stdout + proc.stderr
     rows = {line.split(" | ")[0]: line for line in summary.splitlines() if " | " in line and not line.startswith(" ")}
-    assert set(rows) == {"stage", "env", "build", "report", "tests", "sanitizer", "bench", "table"}, summary
+    return proc, rows
+
+
+def test_gpu_session_script_stages_and_outputs(tmp_path):
+    """benchmarks/gpu_session.sh (the one-call H100 check) on CPU with the heavy stages skipped: every stage
+    is listed with its result, a failing stage does not stop the next, the exit status counts the failed
+    stages, and $OUT holds summary.txt and session.tgz with each stage's log."""
+    import tarfile
+
+    proc, rows = _gpu_session(tmp_path, sys.executable, 120, "build tests sanitizer bench")
+    assert set(rows) == {"stage", "env", "build", "report", "tests", "sanitizer", "bench", "table"}, rows
     assert "skipped (ZK_SKIP)" in rows["build"] and "skipped (ZK_SKIP)" in rows["bench"]
     assert "rc 0" not in rows["env"]  # nvidia-smi is missing: the stage fails ...
     assert rows["report"].startswith("report | rc 0") and rows["table"].startswith("table | rc 0")  # ... the rest runs
-    with tarfile.open(tmp_path / "session.tgz") as tar:
+    assert proc.returncode == 1, proc.stdout
+    with tarfile.open(tmp_path / "out" / "session.tgz") as tar:
         names = {os.path.basename(n) for n in tar.getnames()}
     assert {"env.log", "report.log", "table.log", "summary.txt"} <= names
+
+
+STUB_PYTHON = """#!/bin/bash
+# stands in for python3: records its arguments; `-m benchmarks` writes result files into --out
+echo "$@" >> "$STUB_LOG"
+if [[ " $* " == *" -m benchmarks "* ]]; then
+  while [[ $# -gt 0 && $1 != --out ]]; do shift; done
+  touch "$2/h100-x.json" "$2/h100-x.md" "$2/h100-x.png"
+fi
+"""
+
+
+def test_gpu_session_budget_arithmetic(tmp_path, monkeypatch):
+    """With a stub python: stage caps are clipped to the budget, the benchmark gets --time-budget = what is
+    left minus a 50 s margin (and is not started under 60 s), and its result files come back in $OUT."""
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    monkeypatch.setenv("STUB_LOG", str(tmp_path / "calls.txt"))
+    proc, rows = _gpu_session(tmp_path, str(stub), 200, "env build sanitizer")
+    assert proc.returncode == 0, proc.stdout
+    bench = [line for line in (tmp_path / "calls.txt").read_text().splitlines() if line.startswith("-m benchmarks ")]
+    budget = int(bench[0].split("--time-budget ")[1].split()[0])
+    assert 140 <= budget <= 150, bench
+    assert {"h100-x.json", "h100-x.md", "h100-x.png"} <= set(os.listdir(tmp_path / "out"))
+    assert "of cap 60 s" in rows["report"] and "of cap 170 s" in rows["tests"]
+
+    proc, rows = _gpu_session(tmp_path / "short", str(stub), 40, "env build sanitizer")
+    assert "of cap 25 s" in rows["report"], rows  # 40 s budget - 15 s reserve
+    assert rows["bench"].startswith("bench | not run") and proc.returncode == 1, rows

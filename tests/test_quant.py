@@ -238,6 +238,26 @@ def test_w8a8_backends_agree_bitwise():
         assert torch.equal(quant.w8a8_matmul(xq, sx, wq, sw, b, "triton"), ref)
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(32, 64, 48), (19, 203, 37), (7, 100, 45)])  # (M, K, N): unpadded, padded
+def test_gpu_w8a8_torch_int_mm_is_exact(shape):
+    """torch._int_mm on CUDA (weight as the transposed view, zero padding to its shape rules) == the exact
+    int64 product; and the availability probe says yes on sm_80+."""
+    dev = torch.device("cuda")
+    if torch.cuda.get_device_capability(dev) >= (8, 0):
+        assert QO.int_mm_available(dev)
+    if not QO.int_mm_available(dev):
+        pytest.skip("torch._int_mm is not available on this GPU/build")
+    m, k, n = shape
+    g = _gen(12)
+    xq = torch.randint(-127, 128, (m, k), generator=g, dtype=torch.int8)
+    wq = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    sx, sw, b = torch.rand(m, generator=g) + 0.1, torch.rand(n, generator=g) + 0.1, torch.randn(n, generator=g)
+    ref = quant.w8a8_matmul(xq, sx, wq, sw, b, "reference")
+    got = quant.w8a8_matmul(xq.to(dev), sx.to(dev), wq.to(dev), sw.to(dev), b.to(dev), "torch")
+    assert torch.equal(got.cpu(), ref)
+
+
 # ----------------------------------------------------------------------------- quantize_model
 def test_quantize_model_swaps_and_reports_memory():
     torch.manual_seed(0)

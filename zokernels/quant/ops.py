@@ -376,28 +376,28 @@ def activation_uniforms(shape, seed: int, key: int, query: int, device) -> torch
 _int_mm_ok: dict = {}
 
 
-def _torch_int_mm(a: torch.Tensor, b_t: torch.Tensor) -> torch.Tensor:
-    """torch._int_mm(a [M, K], b [K, N]); on CUDA it needs M > 16 and K, N multiples of 8: zero-pad."""
+def _torch_int_mm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """a [M, K] @ w [N, K]^T with torch._int_mm -> int32 [M, N]. On CUDA the weight goes in as the transposed
+    view w.t() (column-major [K, N]: cuBLASLt's "TN" int8 layout, the one PyTorch tests on CUDA 13; a
+    row-major copy would be "NN", which CUDA 13's cuBLAS does not offer), with M > 16 and K, N multiples of 8
+    by zero padding (of w itself, so the view stays column-major)."""
     m, k = a.shape
-    n = b_t.shape[1]
+    n = w.shape[0]
     if a.is_cuda:
         mp, kp, np_ = max(m, 17), -(-k // 8) * 8, -(-n // 8) * 8
         if (mp, kp, np_) != (m, k, n):
             a = torch.nn.functional.pad(a, (0, kp - k, 0, mp - m))
-            b_t = torch.nn.functional.pad(b_t, (0, np_ - n, 0, kp - k))
-        try:  # b_t = wq.t() is column-major: cuBLASLt's "TN" int8 layout, taken as is (no weight copy per call)
-            return torch._int_mm(a, b_t)[:m, :n]
-        except RuntimeError:  # a cuBLAS/torch build that refuses this layout: row-major copy
-            return torch._int_mm(a, b_t.contiguous())[:m, :n]
-    return torch._int_mm(a, b_t)
+            w = torch.nn.functional.pad(w, (0, kp - k, 0, np_ - n))
+        return torch._int_mm(a, w.t())[:m, :n]
+    return torch._int_mm(a, w.t())
 
 
 def int_mm_available(device: torch.device) -> bool:
     key = torch.device(device).type
     if key not in _int_mm_ok:
         try:
-            a = torch.ones(17, 8, dtype=torch.int8, device=device)
-            _int_mm_ok[key] = bool((_torch_int_mm(a, a.t().contiguous()) == 8).all())
+            a = torch.ones(17, 8, dtype=torch.int8, device=device)  # the layout the matmuls use, unpadded
+            _int_mm_ok[key] = bool((_torch_int_mm(a, torch.ones(8, 8, dtype=torch.int8, device=device)) == 8).all())
         except Exception:  # noqa: BLE001 — any failure means: not on this build/device
             _int_mm_ok[key] = False
     return _int_mm_ok[key]
@@ -427,6 +427,6 @@ def w8a8_matmul(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_sca
     if which == "triton":
         from . import triton_linear
         return triton_linear.w8a8(xq, x_scale, wq, w_scale, bias)
-    acc = _torch_int_mm(xq, wq.t()) if which == "torch" else R.int_matmul_exact(xq, wq.t())
+    acc = _torch_int_mm(xq, wq) if which == "torch" else R.int_matmul_exact(xq, wq.t())
     y = acc.to(torch.float32) * x_scale[:, None] * w_scale.reshape(1, -1)
     return y + bias.to(torch.float32) if bias is not None else y

@@ -176,7 +176,7 @@ def _quads(rows) -> bool:
     """Every (delta, numel, offset) a multiple of 4 elements: then each Philox block's 4 elements are one
     aligned vector of the base pointer's alignment, and the ALIGNED kernels load/store them as one 8-byte
     (16-bit) or 16-byte (float32) access (sm_90 PTX: ld.global.v2/v4 instead of 4 scalar loads)."""
-    return all(d % 4 == 0 and n % 4 == 0 and o % 4 == 0 for d, n, _, o in rows)
+    return all(n == 0 or (d % 4 == 0 and n % 4 == 0 and o % 4 == 0) for d, n, _, o in rows)  # empty: no program
 
 
 def _tables(tensors: list[torch.Tensor], keys: list[int], offsets: list[int], blocks: int) -> _Tables:
@@ -192,6 +192,10 @@ def _out_deltas(outs: list[torch.Tensor], base: int) -> torch.Tensor:
     deltas = tuple(_deltas(outs, base))
     device = outs[0].device
     return _cached(("out", device, deltas), lambda: torch.tensor(deltas, dtype=torch.int64, device=device))
+
+
+def _out_deltas_quads(outs: list[torch.Tensor], base: int) -> bool:
+    return all(t.numel() == 0 or d % 4 == 0 for t, d in zip(outs, _deltas(outs, base)))
 
 
 def _lr_wd(lrs: list[float], wds: list[float], device: torch.device) -> torch.Tensor:
@@ -299,7 +303,7 @@ def _perturb(group: Group, outs: list[torch.Tensor] | None, seed: int, scale: fl
         dst, out_deltas = src, tabs.tab
     else:
         dst, out_deltas = _pointer(outs[tabs.base]), _out_deltas(outs, tabs.base)
-        aligned = aligned and all(d % 4 == 0 for d in _deltas(outs, tabs.base))
+        aligned = aligned and _out_deltas_quads(outs, tabs.base)
     stochastic = rounding == "stochastic" and group.dtype != torch.float32
     _launch(kernels.perturb_kernel, (tabs.programs,), device, src, dst, tabs.tab, out_deltas, tabs.chunks,
             *_seed_words(seed), _c1_high(query, C.STREAM_Z), _c1_high(query, sr_stream), float(scale),
