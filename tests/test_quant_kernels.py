@@ -10,7 +10,6 @@ across a rounding boundary: there, at most 1% of the elements may differ, by one
 """
 from __future__ import annotations
 
-
 import pytest
 import torch
 

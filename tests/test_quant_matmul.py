@@ -3,7 +3,6 @@ FP8 (e4m3 x e4m3 -> float32) and W4A16 (int4 unpacked + dequantized in the mainl
 references within 2x the error of a naive bfloat16 implementation (the rule of tests/test_quant.py's W8A8
 test), odd shapes that are no tile multiples; QuantLinear's matmul modes (incl. "auto" and probes) against
 its dequant path; the Triton kernels compile for sm_90 (wgmma) without a GPU; GPU-only checks marked gpu."""
-
 import pytest
 import torch
 

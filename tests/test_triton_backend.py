@@ -147,9 +147,9 @@ def test_stochastic_round_bitwise(dtype):
 
 
 # ----------------------------------------------------------------------------- multi-tensor ops
-def run_op(op: str, backend: str, tensors, dist: str, rounding: str):
+def run_op(op: str, backend: str, tensors, dist: str, rounding: str, offsets=OFFSETS):
     """Apply op to `tensors` (in place or returning outs); return the resulting tensors."""
-    common = dict(keys=KEYS, offsets=OFFSETS, dist=dist, rounding=rounding, backend=backend)
+    common = dict(keys=KEYS, offsets=offsets, dist=dist, rounding=rounding, backend=backend)
     if op == "perturb":
         Z.perturb_(tensors, SEED, 1e-3, query=2, sr_stream=C.STREAM_PROBE_SR_POS, **common)
         return tensors
@@ -282,18 +282,8 @@ def test_ops_bitwise_on_the_aligned_path(op, dtype):
     assert not TB._tables(params(dtype), KEYS, OFFSETS, TB._blocks(DEVICE)).aligned
     assert not TB._tables(base, KEYS, [0, 8, 2, 0, 4], TB._blocks(DEVICE)).aligned
     assert not TB._tables(base[:2] + [base[2][1:]], KEYS[:3], QUAD_OFFSETS[:3], TB._blocks(DEVICE)).aligned
-    common = dict(keys=KEYS, offsets=QUAD_OFFSETS, dist="rademacher", rounding="stochastic")
-    results = []
-    for backend in ("triton", "reference"):
-        ts = [t.clone() for t in base]
-        if op == "perturb":
-            Z.perturb_(ts, SEED, 1e-3, query=2, backend=backend, **common)
-        elif op == "copy":
-            ts = Z.perturbed_copy(ts, SEED, -1e-3, query=2, backend=backend, **common)
-        else:
-            Z.zo_update_(ts, SEED, coeffs=[0.7, -1.3, 0.25, 2.0], lr=LRS, weight_decay=WDS, restore_scale=-1e-3,
-                         restore_query=1, backend=backend, **common)
-        results.append(ts)
+    results = [run_op(op, backend, [t.clone() for t in base], "rademacher", "stochastic", offsets=QUAD_OFFSETS)
+               for backend in ("triton", "reference")]
     for a, b, t in zip(*results, base):
         assert torch.equal(bits(a), bits(b))
     assert all(not torch.equal(bits(a), bits(t)) for a, t in zip(results[0], base))
@@ -519,30 +509,21 @@ def assert_gpu_matches(a: torch.Tensor, b: torch.Tensor, dist: str, what) -> Non
 def test_gpu_aligned_path_matches_reference_and_stays_inside(cuda_device, dtype, aligned_launches):
     """Compiled ALIGNED kernels (vector accesses): views of one buffer at multiples of 4, a sentinel view
     right after the group that no op may touch, the reference's results (bitwise with Rademacher z)."""
-    sizes = [278012, 4100, 4, 65536]
+    sizes = [278012, 4100, 4, 65536, 1036]
     g = torch.Generator().manual_seed(11)
     flat = (torch.randn(sum(sizes) + 3, generator=g) * 0.5).to(cuda_device, dtype)
     *base, sentinel = torch.split(flat, sizes + [3])
     keep = sentinel.clone()
-    offsets = [0, 8, 2**32 + 4, 2**40]
     for dist in ("rademacher", "gaussian"):
         for rounding in ("nearest", "stochastic"):
             for op in ("perturb", "copy", "update4_restore"):
-                got, ref = [t.clone() for t in base], [t.clone() for t in base]
-                for backend, ts in (("triton", got), ("reference", ref)):
-                    kw = dict(keys=KEYS[:4], offsets=offsets, dist=dist, rounding=rounding, backend=backend)
-                    if op == "perturb":
-                        Z.perturb_(ts, SEED, 1e-3, query=2, **kw)
-                    elif op == "copy":
-                        ts[:] = Z.perturbed_copy(ts, SEED, -1e-3, query=2, **kw)
-                    else:
-                        Z.zo_update_(ts, SEED, coeffs=[0.7, -1.3, 0.25, 2.0], lr=LRS[:4], weight_decay=WDS[:4],
-                                     restore_scale=-1e-3, restore_query=1, **kw)
+                got, ref = (run_op(op, backend, [t.clone() for t in base], dist, rounding, offsets=QUAD_OFFSETS)
+                            for backend in ("triton", "reference"))
                 for a, b in zip(got, ref):
                     assert_gpu_matches(a, b, dist, (op, rounding))
-    # the in-place ops wrote the group through `flat`'s views: run them there once more, then the sentinel
-    Z.perturb_(list(base), SEED, 1e-3, KEYS[:4], offsets=offsets, backend="triton")
-    Z.zo_update_(list(base), SEED, KEYS[:4], [0.5], 1e-2, offsets=offsets, backend="triton")
+    # the ops above ran on clones: run the in-place ones on `flat`'s views themselves, then check the sentinel
+    run_op("perturb", "triton", list(base), "gaussian", "stochastic", offsets=QUAD_OFFSETS)
+    run_op("update4_restore", "triton", list(base), "gaussian", "stochastic", offsets=QUAD_OFFSETS)
     torch.cuda.synchronize()
     assert torch.equal(bits(sentinel), bits(keep))
     assert aligned_launches and all(a for _, a in aligned_launches), aligned_launches

@@ -16,10 +16,12 @@ from ... import contract as C
 from ... import ops
 
 
+ODD_SIZES = [278011, 1037, 1, 4099, 3]
+ODD_OFFSETS = [(1 << 32) + 3, 5, (1 << 40) + 1, 0, (1 << 49) + 2]
+
+
 def _odd_group(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
-    sizes = [278011, 1037, 1, 4099, 3]
-    offsets = [(1 << 32) + 3, 5, (1 << 40) + 1, 0, (1 << 49) + 2]
-    return [torch.randn(n, device="cuda").to(dtype) for n in sizes], offsets
+    return [torch.randn(n, device="cuda").to(dtype) for n in ODD_SIZES], ODD_OFFSETS
 
 
 def _quad_group(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
@@ -49,9 +51,7 @@ def main(argv: list[str] | None = None) -> None:
             if dtype != torch.float32:
                 ops.stochastic_round(torch.randn(4099, device="cuda"), dtype, 1, 2, 0, (1 << 32) + 1,
                                      backend=backend)
-    params, offsets = _odd_group(torch.float32)
-    keys = [C.param_key(f"p{i}") for i in range(len(params))]
-    _masked(offsets, keys, backend)
+    _masked(ODD_OFFSETS, [C.param_key(f"p{i}") for i in range(len(ODD_OFFSETS))], backend)
     _quant(backend)
     for dist in ("gaussian", "rademacher"):
         ops.perturbation((4099,), 1, 2, 0, dist, 3, device="cuda", backend=backend)

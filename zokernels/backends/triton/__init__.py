@@ -188,14 +188,13 @@ def _tables(tensors: list[torch.Tensor], keys: list[int], offsets: list[int], bl
     return _cached(("tab", device, blocks, base, rows), lambda: _build_tables(rows, blocks, device, base))
 
 
-def _out_deltas(outs: list[torch.Tensor], base: int) -> torch.Tensor:
+def _out_deltas(outs: list[torch.Tensor], base: int) -> tuple[torch.Tensor, bool]:
+    """(device table of the outs' element deltas from outs[base], every delta a multiple of 4); empty outs
+    have delta 0."""
     deltas = tuple(_deltas(outs, base))
     device = outs[0].device
-    return _cached(("out", device, deltas), lambda: torch.tensor(deltas, dtype=torch.int64, device=device))
-
-
-def _out_deltas_quads(outs: list[torch.Tensor], base: int) -> bool:
-    return all(t.numel() == 0 or d % 4 == 0 for t, d in zip(outs, _deltas(outs, base)))
+    return _cached(("out", device, deltas), lambda: (torch.tensor(deltas, dtype=torch.int64, device=device),
+                                                     all(d % 4 == 0 for d in deltas)))
 
 
 def _lr_wd(lrs: list[float], wds: list[float], device: torch.device) -> torch.Tensor:
@@ -298,12 +297,11 @@ def _perturb(group: Group, outs: list[torch.Tensor] | None, seed: int, scale: fl
     if tabs.programs == 0:
         return
     src = _pointer(group.tensors[tabs.base])
-    aligned = tabs.aligned
     if outs is None:
-        dst, out_deltas = src, tabs.tab
+        dst, out_deltas, aligned = src, tabs.tab, tabs.aligned
     else:
-        dst, out_deltas = _pointer(outs[tabs.base]), _out_deltas(outs, tabs.base)
-        aligned = aligned and _out_deltas_quads(outs, tabs.base)
+        out_deltas, outs_aligned = _out_deltas(outs, tabs.base)
+        dst, aligned = _pointer(outs[tabs.base]), tabs.aligned and outs_aligned
     stochastic = rounding == "stochastic" and group.dtype != torch.float32
     _launch(kernels.perturb_kernel, (tabs.programs,), device, src, dst, tabs.tab, out_deltas, tabs.chunks,
             *_seed_words(seed), _c1_high(query, C.STREAM_Z), _c1_high(query, sr_stream), float(scale),
