@@ -153,8 +153,8 @@ def run_matmul_shape(cfg: Config, res: Results, name: str, m: int, n: int, k: in
          lambda: MM.fp8_matmul(xqf, xsf, qf.q, qf.scale, bias, "torch", out_dtype=torch.bfloat16), no_scaled,
          "unit scales, fp32 out, epilogue in torch")
     case("FP8 torch._scaled_mm rowwise", "fp8", "kernel", lambda: _scaled_mm_rowwise(xqf, xsf, qf, bias),
-         no_scaled or (None if n % 16 == 0 and k % 16 == 0 else "needs N, K multiples of 16"),
-         "scales fused by cuBLAS, bf16 out")
+         no_scaled or (None if n % 16 == 0 and k % 16 == 0 else "needs N, K multiples of 16")
+         or _rowwise_skip(dev), "scales fused by cuBLAS, bf16 out")
     # W4A16
     case("W4A16 triton", "int4", "kernel", lambda: T.w4a16(x, q4.q, q4.scale, INT4_GROUP, bias,
                                                            out_dtype=torch.bfloat16), _triton_skip("w4a16", dev))
@@ -168,6 +168,20 @@ def run_matmul_shape(cfg: Config, res: Results, name: str, m: int, n: int, k: in
         case(f"QuantLinear {fmt} matmul={layer.matmul} -> {layer.resolved_matmul(dev)}", fmt, "layer",
              lambda layer=layer: layer(x), note=f"backend {layer.matmul_backend}")
     _tuned_configs(res, name)
+
+
+def _rowwise_skip(dev: torch.device) -> str | None:
+    """Why torch._scaled_mm with per-row/per-column scales cannot run here (None: it can). torch 2.11's CPU
+    kernel takes tensor-wise scales only (2.13's takes both); on a GPU a failure is a result, not a skip."""
+    if dev.type != "cpu":
+        return None
+    a = torch.ones(16, 16, device=dev).to(torch.float8_e4m3fn)
+    try:
+        torch._scaled_mm(a, a.t(), scale_a=torch.ones(16, 1, device=dev), scale_b=torch.ones(1, 16, device=dev),
+                         out_dtype=torch.bfloat16)
+    except RuntimeError as e:
+        return f"torch {torch.__version__} on CPU: rowwise scales unsupported ({str(e).splitlines()[-1][:80]})"
+    return None
 
 
 def _scaled_mm_rowwise(xq: torch.Tensor, xs: torch.Tensor, qw, bias: torch.Tensor) -> torch.Tensor:

@@ -78,6 +78,25 @@ def cuda_gpu_backend():
 
 
 @pytest.fixture
+def aligned_launches(monkeypatch):
+    """The ALIGNED value of every Triton launch (dense and masked kernels) made while the test runs:
+    [(kernel name, ALIGNED)]."""
+    from zokernels.backends import triton as tb
+    from zokernels.backends.triton import masked as tb_masked
+
+    seen = []
+    real = tb._launch
+
+    def spy(kernel, grid, device, *args, **meta):
+        seen.append((tb._kernel_name(kernel), meta.get("ALIGNED")))
+        return real(kernel, grid, device, *args, **meta)
+
+    monkeypatch.setattr(tb, "_launch", spy)
+    monkeypatch.setattr(tb_masked, "_launch", spy)
+    return seen
+
+
+@pytest.fixture
 def compile_sm90():
     """run(script) -> stdout: runs a Python script that compiles Triton kernels for sm_90 (no GPU needed) in a
     subprocess without TRITON_INTERPRET and with FP contraction off; skips when triton's CUDA backend or its

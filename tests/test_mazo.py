@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import zokernels
+from zokernels import contract as C
 from zokernels import ops
 from zokernels import mazo
 from zokernels.mazo import ParamMask
@@ -210,6 +211,119 @@ def test_triton_masked_copy_into_persistent_scratch():
     want = ops.perturbed_copy(w, 5, 1e-2, 6, query=1, rounding="stochastic", backend="triton")
     d = m.dense()
     assert torch.equal(_bits(out)[d], _bits(want)[d]) and bool((out[~d] == 3.0).all())
+
+
+def _block_views(flat: torch.Tensor, shapes, starts) -> list[torch.Tensor]:
+    return [flat[s:s + math.prod(shape)].view(shape) for shape, s in zip(shapes, starts)]
+
+
+def test_triton_masked_aligned_runs_launch_aligned_and_match_dense(aligned_launches):
+    """Block masks whose runs start on Philox block boundaries (offset, ncols and block multiples of 4) on
+    weights and outs at multiples of 4 elements launch ALIGNED (vector access hints on a GPU); an odd weight
+    view, out view, offset or ncols, and the other formats, do not. Either way the masked elements are the
+    dense Triton op's, bitwise, and the unmasked ones untouched."""
+    _triton_or_skip()
+    g = torch.Generator().manual_seed(12)
+    shapes = [(6, 64), (5, 36), (3, 40)]          # 36 columns: each row's last block is a 4-column partial run
+    flat = (torch.randn(1300, generator=g) * 0.1).to(torch.bfloat16)
+    masks = [mazo.block_topk(torch.rand(s, generator=g), 0.4, block=b) for s, b in zip(shapes, (16, 16, 20))]
+    keys, seed, quads = [3, 4, 2 ** 63 + 5], 99, [0, 388, 572]
+    # (weight view starts, offsets, out view starts, ALIGNED of the copy's / the update's launches); one launch
+    # per run geometry: blocks of 16 (tensors 0, 1) and of 20 columns (tensor 2); deltas count from a launch's
+    # first tensor (the pointer's own alignment is the JIT's specialization)
+    cases = [
+        (quads, [0, 8, 4096], quads, [True, True], [True, True]),
+        ([0, 389, 572], [0, 8, 4096], quads, [False, True], [False, True]),   # a weight view at element 389
+        (quads, [0, 8, 4096], [1, 390, 573], [False, True], [True, True]),    # out delta 389 from out 0
+        (quads, [0, 6, 4096], quads, [True, False, True], [True, False, True]),  # offset 6: off the Philox grid
+    ]
+    for starts, offs, out_starts, *wants in cases:
+        for op, want in zip(("copy", "update"), wants):
+            del aligned_launches[:]
+            ws = _block_views(flat.clone(), shapes, starts)
+            before = [w.clone() for w in ws]
+            if op == "copy":
+                got = _block_views(torch.full((1400,), 7.0, dtype=torch.bfloat16), shapes, out_starts)
+                ops.masked_perturbed_copy(ws, masks, seed, 0.05, keys, query=2, dist="rademacher", offsets=offs,
+                                          rounding="stochastic", outs=got, backend="triton")
+                base = [torch.full_like(w, 7.0) for w in ws]
+                dense = ops.perturbed_copy(before, seed, 0.05, keys, query=2, dist="rademacher", offsets=offs,
+                                           rounding="stochastic", backend="triton")
+            else:
+                ops.masked_zo_update_(ws, masks, seed, keys, [0.3, -1.1], 0.05, 0.01, dist="rademacher",
+                                      offsets=offs, rounding="stochastic", restore_scale=0.02, restore_query=1,
+                                      backend="triton")
+                got, base, dense = ws, before, [w.clone() for w in before]
+                ops.zo_update_(dense, seed, keys, [0.3, -1.1], 0.05, 0.01, dist="rademacher", offsets=offs,
+                               rounding="stochastic", restore_scale=0.02, restore_query=1, backend="triton")
+            kernel = "masked_perturb_kernel" if op == "copy" else "masked_update_kernel"
+            assert [a for k, a in aligned_launches if k == kernel] == want, (op, starts, offs, out_starts)
+            for t, b, dn, m in zip(got, base, dense, masks):
+                d = m.dense()
+                assert torch.equal(_bits(t)[~d], _bits(b)[~d]) and torch.equal(_bits(t)[d], _bits(dn)[d])
+                assert not torch.equal(_bits(t)[d], _bits(b)[d])
+    del aligned_launches[:]
+    for shape, rule in (((9, 36), mazo.block_topk), ((9, 36), mazo.row_topk), ((9, 36), mazo.bits_topk),
+                        ((9, 35), mazo.block_topk)):   # ncols 35: the runs leave the Philox grid
+        w = flat[:math.prod(shape)].view(shape).clone()
+        ops.masked_perturb_(w, rule(torch.rand(shape, generator=g), 0.4), seed, 0.05, 1, backend="triton")
+    assert aligned_launches == [("masked_perturb_kernel", a) for a in (True, False, False, False)]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_gpu_triton_masked_kernels_match_dense_and_stay_inside(cuda_device, dtype, aligned_launches):
+    """The compiled Triton masked kernels (on a GPU `auto` picks CUDA's, so only this test runs them): every
+    format, ALIGNED (vector access) and unaligned runs, views of one buffer with a sentinel after the last
+    (aligned) one that no op may touch. Masked elements = the dense Triton op's, bitwise (Rademacher: also the
+    reference's); unmasked elements untouched."""
+    g = torch.Generator().manual_seed(13)
+    shapes = [(61, 1317), (9, 333), (7, 130), (33, 97), (2053,), (12, 512), (64, 1024)]
+    offs = [(1 << 32) + 3, 1, (1 << 40) + 2, (1 << 49) + 1, 3, 4 * 1001, 0]
+    rules = [lambda s: mazo.row_topk(s, 0.1), lambda s: mazo.block_topk(s, 0.3, block=16),
+             lambda s: mazo.block_topk(s, 0.5, block=20), lambda s: mazo.bits_topk(s, 0.05),
+             lambda s: mazo.bits_topk(s, 0.3), lambda s: mazo.block_topk(s, 0.25, block=32),
+             lambda s: mazo.block_topk(s, 0.1, block=16)]
+    masks = [rule(torch.rand(shape, generator=g)).to(cuda_device) for rule, shape in zip(rules, shapes)]
+    starts = [0]
+    for shape in shapes:
+        starts.append(starts[-1] + -(-math.prod(shape) // 4) * 4)
+    flat = (torch.randn(starts[-1] + 3, generator=g) * 0.1).to(cuda_device, dtype)
+    views = _block_views(flat, shapes, starts)
+    sentinel, keep = flat[starts[-1]:], flat[starts[-1]:].clone()
+    keys = [C.param_key(f"layers.{i}.w") for i in range(len(shapes))]
+    for dist in ("rademacher", "gaussian"):
+        for rounding in ("nearest", "stochastic"):
+            kw = dict(dist=dist, offsets=offs, rounding=rounding)
+            ws = [v.clone() for v in views]
+            ops.masked_perturb_(ws, masks, 77, 0.05, keys, query=2, backend="triton", **kw)
+            outs = [v.clone() for v in views]
+            ops.masked_perturbed_copy(views, masks, 77, 0.05, keys, query=2, outs=outs, backend="triton", **kw)
+            dense = ops.perturbed_copy(views, 77, 0.05, keys, query=2, backend="triton", **kw)
+            ref = [v.clone() for v in views]
+            ops.masked_perturb_(ref, masks, 77, 0.05, keys, query=2, backend="reference", **kw)
+            upd = [v.clone() for v in views]
+            ukw = dict(restore_scale=0.02, restore_query=2, **kw)
+            ops.masked_zo_update_(upd, masks, 78, keys, (0.5, -0.25, 2.0), 0.05, 0.01, backend="triton", **ukw)
+            upd_dense = [v.clone() for v in views]
+            ops.zo_update_(upd_dense, 78, keys, (0.5, -0.25, 2.0), 0.05, 0.01, backend="triton", **ukw)
+            upd_ref = [v.clone() for v in views]
+            ops.masked_zo_update_(upd_ref, masks, 78, keys, (0.5, -0.25, 2.0), 0.05, 0.01, backend="reference",
+                                  **ukw)
+            for v, m, w, o, dn, r, u, ud, ur in zip(views, masks, ws, outs, dense, ref, upd, upd_dense, upd_ref):
+                d, what = m.dense(), (m.kind, dist, rounding)
+                assert torch.equal(_bits(w), _bits(o)), what
+                assert torch.equal(_bits(w)[~d], _bits(v)[~d]) and torch.equal(_bits(u)[~d], _bits(v)[~d]), what
+                assert torch.equal(_bits(w)[d], _bits(dn)[d]) and torch.equal(_bits(u)[d], _bits(ud)[d]), what
+                if dist == "rademacher":
+                    assert torch.equal(_bits(w), _bits(r)) and torch.equal(_bits(u), _bits(ur)), what
+    ops.masked_perturb_(views, masks, 79, 0.05, keys, offsets=offs, rounding="stochastic", backend="triton")
+    ops.masked_zo_update_(views, masks, 79, keys, (0.5,), 0.05, 0.01, offsets=offs, rounding="stochastic",
+                          restore_scale=-0.05, restore_query=0, backend="triton")
+    torch.cuda.synchronize()
+    assert torch.equal(_bits(sentinel), _bits(keep))
+    assert ("masked_perturb_kernel", True) in aligned_launches and ("masked_update_kernel", True) in aligned_launches
+    assert ("masked_perturb_kernel", False) in aligned_launches
 
 
 # ----------------------------------------------------------------------------- importance

@@ -305,20 +305,6 @@ def test_no_coefficients_keep_signed_zeros_like_the_reference():
             assert (bits(a[::3]) == bits(torch.tensor(-0.0, dtype=dtype))).all()
 
 
-@pytest.fixture
-def aligned_launches(monkeypatch):
-    """The ALIGNED value of every Triton launch made while the test runs: [(kernel name, ALIGNED)]."""
-    seen = []
-    real = TB._launch
-
-    def spy(kernel, grid, device, *args, **meta):
-        seen.append((TB._kernel_name(kernel), meta.get("ALIGNED")))
-        return real(kernel, grid, device, *args, **meta)
-
-    monkeypatch.setattr(TB, "_launch", spy)
-    return seen
-
-
 def test_aligned_is_decided_by_every_delta_numel_offset_and_out(aligned_launches):
     g = torch.Generator().manual_seed(3)
     flat = torch.randn(1045, generator=g).to(DEVICE)
@@ -432,15 +418,18 @@ for aligned in (True, False):
     cases.append((f"fill z{tag}", K.fill_kernel, {"in_ptr": "*fp32", "out_ptr": "*fp32", "tab_ptr": I64,
                   "chunk_ptr": I64}, {"MODE": 0, "GAUSSIAN": True, "KIND": 0, "BLOCKS": 256, "PRECISE": True,
                                       "ALIGNED": aligned}))
-for fmt, idx, npb, bcols, blocks in ((0, "*i16", 1, 1, 1024), (1, "*i16", 4, 16, 512), (2, "*u8", 1, 1, 512)):
-    mp = {"w_ptr": "*i16", "out_ptr": "*i16", "idx_ptr": idx, "tab_ptr": I64, "chunk_ptr": I64}
-    cases.append((f"masked perturb fmt{fmt} bf16", MK.masked_perturb_kernel, mp,
-                  {"FORMAT": fmt, "KIND": 1, "GAUSSIAN": True, "STOCHASTIC": True, "COPY": False, "BLOCKS": blocks,
-                   "NPB": npb, "BCOLS": bcols, "PRECISE": True}))
+for fmt, idx, npb, bcols, blocks, aligned in ((0, "*i16", 1, 1, 1024, False), (1, "*i16", 4, 16, 512, False),
+                                              (1, "*i16", 4, 16, 512, True), (2, "*u8", 1, 1, 512, False)):
+    tag = " aligned" if aligned else ""
+    for copy in (False, True) if aligned else (False,):
+        mp = {"w_ptr": "*i16", "out_ptr": "*i16", "idx_ptr": idx, "tab_ptr": I64, "chunk_ptr": I64}
+        cases.append((f"masked perturb fmt{fmt} bf16{' copy' if copy else ''}{tag}", MK.masked_perturb_kernel, mp,
+                      {"FORMAT": fmt, "KIND": 1, "GAUSSIAN": True, "STOCHASTIC": True, "COPY": copy, "BLOCKS": blocks,
+                       "NPB": npb, "BCOLS": bcols, "PRECISE": True, "ALIGNED": aligned}))
     mu = {"w_ptr": "*i16", "idx_ptr": idx, "tab_ptr": I64, "chunk_ptr": I64, "lrwd_ptr": "*fp32", "coeff_ptr": "*fp32"}
-    cases.append((f"masked update fmt{fmt} bf16", MK.masked_update_kernel, mu,
+    cases.append((f"masked update fmt{fmt} bf16{tag}", MK.masked_update_kernel, mu,
                   {"FORMAT": fmt, "KIND": 1, "GAUSSIAN": True, "STOCHASTIC": True, "RESTORE": True, "BLOCKS": blocks,
-                   "NPB": npb, "BCOLS": bcols, "PRECISE": True}))
+                   "NPB": npb, "BCOLS": bcols, "PRECISE": True, "ALIGNED": aligned}))
 pats = ["div.full", "approx", "mul.hi.u32", "ld.global", "st.global", "bar.sync", "ld.global.v", "st.global.v"]
 for name, fn, ptrs, consts in cases:
     p = compile90(fn, ptrs, consts)
@@ -453,12 +442,13 @@ def test_dense_and_masked_kernels_compile_for_sm90(compile_sm90):
     formats) compiles for sm_90 down to a cubin (catches GPU-only compile errors that the interpreter cannot
     see), with no approximate math (no div.full, no *.approx: the contract's float32 order needs IEEE ops),
     Philox multiplies present, and global loads and stores. The ALIGNED dense kernels (every delta, numel and
-    offset a multiple of 4) keep each thread's Philox block in registers from the RNG to the store: no
-    shared-memory layout conversion (bar.sync) and vector loads/stores (8 bytes for 16-bit weights, 16 for
-    float32; measured 2026-12-07, triton 3.9: update bf16 had 47 bar.sync and 8 scalar 2-byte loads per
-    thread before the lanes were joined in registers and the hints added)."""
+    offset a multiple of 4) and masked block kernels (runs on Philox block boundaries, deltas multiples of 4)
+    keep each thread's Philox block in registers from the RNG to the store: no shared-memory layout conversion
+    (bar.sync) and vector loads/stores (8 bytes for 16-bit weights, 16 for float32; measured 2026-12-07, triton
+    3.9: update bf16 had 47 bar.sync and 8 scalar 2-byte loads per thread before the lanes were joined in
+    registers and the hints added; masked block bf16 update 31 bar.sync before its hints)."""
     rows = [line.split("|") for line in compile_sm90(_COMPILE).strip().splitlines()]
-    assert len(rows) == 20, rows
+    assert len(rows) == 23, rows
     for name, div_full, approx, mul_hi, loads, stores, barriers, vloads, vstores in rows:
         assert int(div_full) == 0 and int(approx) == 0, (name, rows)
         assert int(mul_hi) >= 20 and int(loads) > 0 and int(stores) > 0, (name, rows)

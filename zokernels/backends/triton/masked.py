@@ -44,18 +44,19 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
-def _geometry(mask, offset: int) -> tuple[int, int, int]:
-    """(FORMAT, NPB, BCOLS) of a mask on a tensor at `offset`."""
+def _geometry(mask, offset: int) -> tuple[int, int, int, bool]:
+    """(FORMAT, NPB, BCOLS, quad runs) of a mask on a tensor at `offset`; quad runs (block masks only): every
+    run starts and ends on a Philox block boundary (offset, ncols, block multiples of 4)."""
     fmt = FORMATS[mask.kind]
     if fmt != 1:
-        return fmt, 1, 1
+        return fmt, 1, 1, False
     ncols = _matrix(mask.shape)[1]
-    aligned = offset % 4 == 0 and ncols % 4 == 0 and mask.block % 4 == 0
-    return fmt, _next_pow2(-(-mask.block // 4) + (0 if aligned else 1)), mask.block
+    quads = offset % 4 == 0 and ncols % 4 == 0 and mask.block % 4 == 0
+    return fmt, _next_pow2(-(-mask.block // 4) + (0 if quads else 1)), mask.block, quads
 
 
 def _launch_sets(group: Group, masks: list):
-    """{(FORMAT, NPB, BCOLS, index dtype): [positions in the group]} for non-empty tensors."""
+    """{(FORMAT, NPB, BCOLS, quad runs, index dtype): [positions in the group]} for non-empty tensors."""
     sets: dict[tuple, list[int]] = {}
     for i, (t, m, off) in enumerate(zip(group.tensors, masks, group.offsets)):
         if t.numel() and m.index.numel():
@@ -63,8 +64,12 @@ def _launch_sets(group: Group, masks: list):
     return sets
 
 
-def _tables(tensors, masks, keys, offsets, outs, fmt: int, npb: int, blocks: int):
-    """(tensor table [T, 8], chunk table [P, 2], programs, base position) for one launch set."""
+def _tables(tensors, masks, keys, offsets, outs, fmt: int, npb: int, blocks: int, quads: bool):
+    """(tensor table [T, 8], chunk table [P, 2], programs, ALIGNED) for one launch set. ALIGNED: block runs on
+    Philox block boundaries (quads) and every weight/out delta a multiple of 4 elements, so each Philox block is
+    one aligned vector of the base pointer's alignment (sm_90 PTX: ld/st.global.v2 for bf16, no bar.sync;
+    with scalar accesses the [BLOCKS, 4] tile is converted between register layouts through shared memory:
+    23 bar.sync in masked perturb bf16, 31 in update)."""
     base = 0
     w_d = _deltas(tensors, base)
     i_d = _deltas([m.index for m in masks], base)
@@ -94,9 +99,10 @@ def _tables(tensors, masks, keys, offsets, outs, fmt: int, npb: int, blocks: int
                 starts = range(first, last + 1, blocks)
             chunks.extend((ti, s) for s in starts)
         ch = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
-        return tab.to(device), ch.to(device), len(chunks)
+        aligned = quads and all(r[0] % 4 == 0 and r[7] % 4 == 0 for r in rows)
+        return tab.to(device), ch.to(device), len(chunks), aligned
 
-    return _cached(("masked", device, fmt, npb, blocks, rows), build)
+    return _cached(("masked", device, fmt, npb, blocks, quads, rows), build)
 
 
 def _blocks(device: torch.device, fmt: int, npb: int) -> int:
@@ -110,13 +116,13 @@ def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, 
     mk = _kernels()
     device = group.device
     stochastic = rounding == "stochastic" and group.dtype != torch.float32
-    for (fmt, npb, bcols, _), pos in _launch_sets(group, masks).items():
+    for (fmt, npb, bcols, quads, _), pos in _launch_sets(group, masks).items():
         tensors = [group.tensors[i] for i in pos]
         ms = [masks[i] for i in pos]
         o = [outs[i] for i in pos] if outs is not None else None
         blocks = _blocks(device, fmt, npb)
-        tab, chunks, programs = _tables(tensors, ms, [group.keys[i] for i in pos], [group.offsets[i] for i in pos],
-                                        o, fmt, npb, blocks)
+        tab, chunks, programs, aligned = _tables(tensors, ms, [group.keys[i] for i in pos],
+                                                 [group.offsets[i] for i in pos], o, fmt, npb, blocks, quads)
         if not programs:
             continue
         src = _pointer(tensors[0])
@@ -124,7 +130,7 @@ def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, 
         _launch(mk.masked_perturb_kernel, (programs,), device, src, dst, ms[0].index, tab, chunks,
                 *_seed_words(seed), _c1_high(query, C.STREAM_Z), _c1_high(query, sr_stream), float(scale),
                 FORMAT=fmt, KIND=_KIND[group.dtype], GAUSSIAN=dist == "gaussian", STOCHASTIC=stochastic,
-                COPY=o is not None, BLOCKS=blocks, NPB=npb, BCOLS=bcols)
+                COPY=o is not None, BLOCKS=blocks, NPB=npb, BCOLS=bcols, ALIGNED=aligned)
 
 
 def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
@@ -134,12 +140,12 @@ def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
     stochastic = spec.rounding == "stochastic" and group.dtype != torch.float32
     restore = spec.restore_scale is not None
     coeffs = torch.tensor(list(spec.coeffs) or [0.0], dtype=torch.float32, device=device)
-    for (fmt, npb, bcols, _), pos in _launch_sets(group, masks).items():
+    for (fmt, npb, bcols, quads, _), pos in _launch_sets(group, masks).items():
         tensors = [group.tensors[i] for i in pos]
         ms = [masks[i] for i in pos]
         blocks = _blocks(device, fmt, npb)
-        tab, chunks, programs = _tables(tensors, ms, [group.keys[i] for i in pos], [group.offsets[i] for i in pos],
-                                        None, fmt, npb, blocks)
+        tab, chunks, programs, aligned = _tables(tensors, ms, [group.keys[i] for i in pos],
+                                                 [group.offsets[i] for i in pos], None, fmt, npb, blocks, quads)
         if not programs:
             continue
         lrwd = _lr_wd([group.lrs[i] for i in pos], [group.wds[i] for i in pos], device)
@@ -148,4 +154,4 @@ def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
                 float(spec.restore_scale) if restore else 0.0,
                 _c1_high(spec.restore_query if restore else 0, C.STREAM_Z), _c1_high(0, spec.sr_stream),
                 FORMAT=fmt, KIND=_KIND[group.dtype], GAUSSIAN=spec.dist == "gaussian", STOCHASTIC=stochastic,
-                RESTORE=restore, BLOCKS=blocks, NPB=npb, BCOLS=bcols)
+                RESTORE=restore, BLOCKS=blocks, NPB=npb, BCOLS=bcols, ALIGNED=aligned)

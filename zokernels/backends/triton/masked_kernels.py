@@ -8,7 +8,11 @@ One program per chunk-table entry (tensor t, first work item). FORMAT picks what
   1 blocks: BLOCKS // NPB mask entries (row, block id) x NPB Philox blocks each, as a [BLOCKS, 4] tile:
             the run of BCOLS contiguous columns starting at j0 = offset + r * ncols + id * BCOLS spans
             Philox blocks (j0 >> 2) + 0 .. NPB - 1, one Philox call per 4 elements; lanes outside the
-            run (or past the row's end) are masked off.
+            run (or past the row's end) are masked off. ALIGNED (host-checked: offset, ncols, BCOLS and
+            every weight/out delta multiples of 4): j0 is then a multiple of 4, the mask is constant over
+            each Philox block and its 4 elements are one aligned vector; the hints let the compiler see
+            it (sm_90 PTX, bf16, triton 3.9: ld/st.global.v2 and 0 bar.sync; without: scalar accesses
+            and 23 / 31 bar.sync (perturb / update) converting the tile's layout through shared memory).
   2 bits:   a dense [BLOCKS, 4] tile of Philox blocks like the dense kernels; an element moves iff its
             bit (local & 7) of byte idx[local >> 3] is set.
 
@@ -53,7 +57,7 @@ def _v_elem(j, c1_high, key_lo, key_hi, k0, k1):
 
 @triton.jit
 def _coords(idx_ptr, tab_ptr, chunk_ptr, FORMAT: tl.constexpr, BLOCKS: tl.constexpr, NPB: tl.constexpr,
-            BCOLS: tl.constexpr):
+            BCOLS: tl.constexpr, ALIGNED: tl.constexpr):
     """(t, b, j, local, emask, weight delta, out delta, key words): b = Philox blocks of a tile
     (FORMAT 1, 2) and j = global indices of the elements (FORMAT 0); local = j - offset."""
     pid = tl.program_id(0).to(tl.int64)
@@ -77,6 +81,11 @@ def _coords(idx_ptr, tab_ptr, chunk_ptr, FORMAT: tl.constexpr, BLOCKS: tl.conste
         j = local + offset
         b = j >> 2
     elif FORMAT == 1:
+        if ALIGNED:
+            w_delta = tl.multiple_of(w_delta, 4)
+            o_delta = tl.multiple_of(o_delta, 4)
+            ncols = tl.multiple_of(ncols, 4)
+            offset = tl.multiple_of(offset, 4)
         r = tl.arange(0, BLOCKS).to(tl.int64)
         e = first + r // NPB
         valid = e < count
@@ -121,10 +130,10 @@ def _v(b, j, c1_high, key_lo, key_hi, k0, k1, FORMAT: tl.constexpr):
 def masked_perturb_kernel(w_ptr, out_ptr, idx_ptr, tab_ptr, chunk_ptr, seed_lo, seed_hi, c1_z, c1_sr, scale,
                           FORMAT: tl.constexpr, KIND: tl.constexpr, GAUSSIAN: tl.constexpr,
                           STOCHASTIC: tl.constexpr, COPY: tl.constexpr, BLOCKS: tl.constexpr, NPB: tl.constexpr,
-                          BCOLS: tl.constexpr, PRECISE: tl.constexpr):
+                          BCOLS: tl.constexpr, PRECISE: tl.constexpr, ALIGNED: tl.constexpr):
     """out[m] = R(theta[m] + scale * z[m]) on masked m; out is theta unless COPY."""
     t, b, j, local, emask, w_delta, o_delta, key_lo, key_hi = _coords(idx_ptr, tab_ptr, chunk_ptr, FORMAT, BLOCKS,
-                                                                      NPB, BCOLS)
+                                                                      NPB, BCOLS, ALIGNED)
     k0 = seed_lo.to(tl.uint32, bitcast=True)
     k1 = seed_hi.to(tl.uint32, bitcast=True)
     z = _z(b, j, c1_z.to(tl.uint32, bitcast=True), key_lo, key_hi, k0, k1, FORMAT, GAUSSIAN, PRECISE)
@@ -145,11 +154,12 @@ def masked_perturb_kernel(w_ptr, out_ptr, idx_ptr, tab_ptr, chunk_ptr, seed_lo, 
 def masked_update_kernel(w_ptr, idx_ptr, tab_ptr, chunk_ptr, lrwd_ptr, coeff_ptr, n_coeffs, seed_lo, seed_hi,
                          restore_scale, c1_restore, c1_sr, FORMAT: tl.constexpr, KIND: tl.constexpr,
                          GAUSSIAN: tl.constexpr, STOCHASTIC: tl.constexpr, RESTORE: tl.constexpr,
-                         BLOCKS: tl.constexpr, NPB: tl.constexpr, BCOLS: tl.constexpr, PRECISE: tl.constexpr):
+                         BLOCKS: tl.constexpr, NPB: tl.constexpr, BCOLS: tl.constexpr, PRECISE: tl.constexpr,
+                         ALIGNED: tl.constexpr):
     """theta' = theta (+ restore_scale z_rq); acc = c_0 z_0 (+ c_q z_q); theta <- R(theta' - lr (acc + wd theta'))
     on masked elements."""
     t, b, j, local, emask, w_delta, o_delta, key_lo, key_hi = _coords(idx_ptr, tab_ptr, chunk_ptr, FORMAT, BLOCKS,
-                                                                      NPB, BCOLS)
+                                                                      NPB, BCOLS, ALIGNED)
     k0 = seed_lo.to(tl.uint32, bitcast=True)
     k1 = seed_hi.to(tl.uint32, bitcast=True)
     theta = _load_f32(w_ptr + w_delta + local, emask, KIND)
