@@ -103,7 +103,7 @@ def parse_args(argv):
     ap.add_argument("--batch", type=int, help="examples per task per step")
     ap.add_argument("--schedule", choices=("constant", "linear"), help="lr schedule (linear: decay to 0)")
     ap.add_argument("--params", help="regex of the trained parameter names")
-    ap.add_argument("--eval-split", choices=("dev", "test", "dev,test"), default="test",
+    ap.add_argument("--eval-split", choices=("dev", "test", "dev,test"), default="test", metavar="dev|test|dev,test",
                     help="splits evaluated after training (lr searches: dev only, test untouched)")
     ap.add_argument("--no-cache", action="store_true", help="full forwards even when a layer-input cache applies")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -51,17 +51,59 @@ def error_lines(err):
 
 
 @pytest.mark.parametrize("argv, needle", [
-    (["--lr", "-1"], "--lr must be > 0"),
+    (["--lr", "-1"], "--lr must be a finite number > 0"),
     (["--max-steps", "0"], "--max-steps must be >= 1"),
     (["--tune", "everything"], "invalid choice"),
     (["--no-such-flag"], "unrecognized arguments"),
     (["--lr", "abc"], "invalid float value"),
+    (["--lr", "inf"], "--lr must be a finite number > 0"),
+    (["--eps", "nan"], "--eps must be a finite number > 0"),
+    (["--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--lr-scheduler", "bogus"], "--lr-scheduler must be one of linear, cosine"),
 ])
 def test_bad_flags_are_one_error_line(capsys, argv, needle):
     code, _, err = run_cli(capsys, argv)
     assert code == 2
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], err
+
+
+def _resolved(argv):
+    from zokernels.cli import build_parser, resolve_config
+    parser = build_parser()
+    return resolve_config(parser.parse_args(argv + ["--device", "cpu"]), parser)
+
+
+def test_lr_eps_defaults_follow_what_is_tuned():
+    """Unset --lr/--eps/--fo-lr take the tuned parameter set's values (0.2 suits 576 norm weights, not 460k LoRA
+    or 135M weights); given values always win; QuZO on CPU keeps its own."""
+    assert {k: _resolved([])[k] for k in ("tune", "lr", "eps", "fo_lr")} == \
+        {"tune": "final-norm", "lr": 0.2, "eps": 1e-3, "fo_lr": 1e-2}
+    lora = _resolved(["--tune", "lora"])
+    assert (lora["lr"], lora["eps"], lora["fo_lr"]) == (1e-4, 1e-2, 1e-4)
+    assert _resolved(["--tune", "all"])["lr"] == _resolved(["--tune", "last-layers"])["lr"] == 1e-6
+    assert _resolved(["--tune", "norms"])["lr"] == 3e-3
+    assert _resolved(["--tune", "lora", "--lr", "0.5", "--eps", "0.1"])["lr"] == 0.5
+    assert _resolved(["--tune", "lora", "--lr", "0.5", "--eps", "0.1"])["eps"] == 0.1
+    quzo = _resolved(["--quant", "int8", "--tune", "last-layers"])
+    assert (quzo["lr"], quzo["max_steps"]) == (1e-3, 100)
+
+
+def test_output_dir_with_an_earlier_run_is_refused_unless_overwrite(capsys, tmp_path):
+    """A second run into the same --output-dir stops before loading anything; --overwrite removes the earlier
+    run's files first (a failing rerun cannot leave its run_config.json beside the old metrics)."""
+    from zokernels.cli import prepare_output_dir
+    out = tmp_path / "run"
+    (out / "model").mkdir(parents=True)
+    (out / "metrics.json").write_text("{}")
+    (out / "notes.txt").write_text("mine")
+    code, _, err = run_cli(capsys, ["--output-dir", str(out), "--device", "cpu"])
+    assert code == 2 and "holds an earlier run (metrics.json, model)" in err and "--overwrite" in err, err
+    assert (out / "metrics.json").exists()
+    prepare_output_dir(str(out), overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
+    prepare_output_dir(str(tmp_path / "new" / "dir"), overwrite=False)
+    assert (tmp_path / "new" / "dir").is_dir()
 
 
 def test_missing_label_column(capsys, tmp_path):
@@ -166,3 +208,14 @@ def test_smoke_default_model_and_corpus(capsys, tmp_path):
     assert metrics["zo"]["steps"] == 2 and metrics["total_params"] == 134_515_008
     assert metrics["n_test"] == 8 and 0 <= metrics["zero_shot"]["test_accuracy"] <= 1
     assert (out / "finetune_log.npz").is_file() and (out / "training_curves.png").is_file()
+
+
+def test_summary_regenerates_the_readme_row_and_refuses_missing_runs(capsys, tmp_path):
+    from zokernels.hf import summary
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    assert summary.main([os.path.join(root, "results", "demo-cpu")]) == 0
+    row = capsys.readouterr().out.strip().splitlines()[-1]
+    with open(os.path.join(root, "README.md")) as fh:
+        assert row in fh.read().splitlines()
+    assert summary.main([str(tmp_path)]) == 2
+    assert "no metrics.json in" in capsys.readouterr().err

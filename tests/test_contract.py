@@ -264,10 +264,24 @@ def test_offsets_beyond_2_pow_32():
     (lambda: Z.perturbation((4,), 1, 1, query=C.MAX_QUERIES), "query"),
     (lambda: Z.zo_update_([torch.randn(4)], 1, [1], [1.0], lr=[1.0, 2.0]), "one per tensor"),
     (lambda: Z.perturb_([torch.randn(4, device="meta")], 1, 1.0, [1]), "meta"),
+    (lambda: Z.zo_update_([torch.randn(4)], 1, [1], 0.5, lr=0.1), r"sequence of numbers, one per query"),
 ])
 def test_bad_inputs(bad, err):
     with pytest.raises((ValueError, TypeError), match=err):
         bad()
+
+
+def test_ops_mutate_parameters_that_require_grad_like_an_optimizer_step():
+    """nn.Parameters (requires_grad) are updated in place outside torch.no_grad() as torch.optim does it, and
+    the probe copies carry no autograd history."""
+    p = torch.nn.Parameter(torch.randn(37))
+    want = p.detach().clone()
+    Z.perturb_(p, 1, 1e-2, [3])
+    Z.perturb_(want, 1, 1e-2, [3])
+    assert torch.equal(p.detach(), want) and p.requires_grad and p.grad_fn is None
+    Z.zo_update_(p, 1, [3], [0.5], 0.1)
+    copy = Z.perturbed_copy(p, 2, 1e-2, [3])
+    assert not copy.requires_grad and copy.grad_fn is None
 
 
 def test_unavailable_backend_says_why():

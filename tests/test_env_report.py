@@ -2,6 +2,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def test_environment_report_runs():
     out = subprocess.run([sys.executable, "-m", "zokernels"], capture_output=True, text=True, timeout=120)
@@ -16,3 +18,20 @@ def test_unknown_command_is_one_clear_error():
                          timeout=120)
     assert out.returncode == 2
     assert out.stderr.strip().startswith("error: unknown command 'frobnicate'")
+
+
+def test_forced_backend_is_reported_and_named_in_errors(monkeypatch):
+    import torch
+    from zokernels import ops
+    from zokernels.__main__ import environment_report
+    from zokernels.backends.registry import BackendUnavailable
+
+    monkeypatch.setenv("ZOKERNELS_BACKEND", "bogus")
+    assert "$ZOKERNELS_BACKEND=bogus: backend='auto' means 'bogus'" in environment_report()
+    with pytest.raises(BackendUnavailable, match=r"unknown backend 'bogus'.*comes from \$ZOKERNELS_BACKEND"):
+        ops.select_backend(torch.device("cpu"))
+    monkeypatch.setenv("ZOKERNELS_BACKEND", "reference")
+    assert ops.select_backend(torch.device("cpu")).NAME == "reference"
+    with pytest.raises(BackendUnavailable) as info:  # an explicit request is the caller's, not the variable's
+        ops.select_backend(torch.device("cpu"), "bogus")
+    assert "ZOKERNELS_BACKEND" not in str(info.value)

@@ -163,6 +163,32 @@ def test_replay_in_fresh_process_is_bitwise(tmp_path):
         assert not bitwise_equal(trained[probe], snapshot(base))
 
 
+def test_log_records_the_backend_and_replay_warns_on_another():
+    """The header names the backend each device's ops resolved to; replay with the same one is bitwise and
+    silent; with another (Triton interpreter vs reference here: float32 libm differences in Gaussian z) it
+    warns that the rebuild is not bitwise."""
+    import warnings
+    from zokernels.backends import registry
+    if registry.not_supported("triton", torch.device("cpu")) is not None:
+        pytest.skip(f"triton interpreter unavailable: {registry.not_supported('triton', torch.device('cpu'))}")
+    g = torch.Generator().manual_seed(5)
+    base = {"w": torch.randn(301, generator=g), "b": torch.randn(7, generator=g)}
+    params = {n: t.clone() for n, t in base.items()}
+    opt = Z.ZOSGD(list(params.items()), lr=0.05, seed=3, backend="triton")
+    assert opt.log.header["backends"] == {"cpu": "triton"}
+    for _ in range(3):
+        opt.step(lambda: (params["w"][:7] * params["b"]).sum() ** 2)
+    same = {n: t.clone() for n, t in base.items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        Z.replay(same, opt.log, backend="triton")
+    assert all(torch.equal(same[n], params[n]) for n in base)
+    other = {n: t.clone() for n, t in base.items()}
+    with pytest.warns(UserWarning, match="not bitwise"):
+        Z.replay(other, opt.log, backend="reference")
+    assert all(torch.allclose(other[n], params[n], rtol=1e-5, atol=1e-6) for n in base)
+
+
 def test_replay_refuses_foreign_logs(tmp_path):
     torch.manual_seed(4)
     base = tiny_llama(torch.float32)

@@ -55,6 +55,16 @@ def test_quzo_lowers_loss_int4_fp8(fmt):
     assert all(m.fmt == fmt for _, m in quant.quant_layers(model))
 
 
+def test_quzo_nonfinite_loss_skips_with_a_warning_at_the_caller():
+    model, _, closure = _tiny_llama("int8")
+    opt = QuZO(model, lr=1e-2, eps=1e-2, seed=3)
+    before = _qstate(model)
+    with pytest.warns(RuntimeWarning, match="step skipped") as rec:
+        opt.step(lambda: closure() * float("nan"))
+    assert all(w.filename == __file__ for w in rec), [w.filename for w in rec]
+    assert all(torch.equal(a, b) for a, b in zip(before, _qstate(model))) and opt.log.steps[-1].skipped
+
+
 def test_quzo_quantizes_when_given_fmt_and_keeps_global_rng():
     cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32)

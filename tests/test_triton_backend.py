@@ -368,6 +368,26 @@ def test_unavailable_reasons(monkeypatch):
         assert "CUDA is not available" in TB.unavailable_reason(torch.device("cuda"))
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter self-check concerns CPU tensors")
+def test_interpreter_that_cannot_run_runtime_loops_is_reported(monkeypatch):
+    """The interpreter self-check: triton 3.6's interpreter fails loops bounded by a runtime argument under
+    numpy >= 2.4 (every update kernel has one); this interpreter passes it, a broken one is named with the fix."""
+    assert TB.unavailable_reason(torch.device("cpu")) is None  # conftest set TRITON_INTERPRET=1
+    kernels = TB._k()
+
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(TB, "_interpreter_checked", [])
+    monkeypatch.setattr(kernels, "runtime_loop_kernel", Broken())
+    reason = TB.unavailable_reason(torch.device("cpu"))
+    assert "interpreter cannot run a loop bounded by a runtime argument" in reason and "triton 3.9" in reason
+    assert TB.unavailable_reason(torch.device("cpu")) == reason  # probed once
+
+
 def test_import_without_triton_explains():
     code = ("import sys; sys.modules['triton'] = None\n"
             "import torch, zokernels\n"

@@ -211,6 +211,66 @@ def test_param_forms_and_names():
     assert "fc1.weight" not in Z.ZOSGD(frozen, lr=0.1, backend=BACKEND).keys
 
 
+def test_frozen_parameters_stay_frozen_in_every_param_form():
+    """An nn.Parameter with requires_grad=False is never perturbed or updated, however it is passed (the
+    torch.optim idiom opt(model.parameters()) on a partly frozen model, e.g. PEFT); plain tensors are trained."""
+    torch.manual_seed(3)
+    x = torch.randn(8, 6)
+    for form in ("module", "parameters", "named", "groups", "model="):
+        model = SmallNet()
+        model.fc1.requires_grad_(False)
+        params = {"module": model, "parameters": model.parameters(), "named": model.named_parameters(),
+                  "groups": [{"params": list(model.parameters()), "lr": 0.2}], "model=": model.parameters()}[form]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unnamed parameters: keys by position
+            opt = Z.ZOSGD(params, lr=0.1, seed=1, backend=BACKEND, model=model if form == "model=" else None)
+        assert len(opt.keys) == 4 and not any(n.startswith("fc1.") for n in opt.keys), (form, list(opt.keys))
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        for _ in range(2):
+            opt.step(lambda: model(x).pow(2).mean())
+        for n, p in model.named_parameters():
+            assert torch.equal(p, before[n]) == n.startswith("fc1."), (form, n)
+    plain = torch.randn(5)
+    opt = Z.ZOSGD([("plain", plain)], lr=0.1, seed=1, backend=BACKEND)
+    keep = plain.clone()
+    opt.step(lambda: plain.sum() ** 2)
+    assert not torch.equal(plain, keep)
+    with pytest.raises(ValueError, match="requires_grad=False"):
+        Z.ZOSGD([p for p in SmallNet().requires_grad_(False).parameters()], lr=0.1, backend=BACKEND)
+
+
+def test_step_time_hyperparameters_and_closure_values():
+    """lr / weight_decay are checked again at every step (a scheduler or a hand edit may change them): negative,
+    non-finite or beyond float32 (the kernels' type) is refused before any weight moves; numpy scalars and
+    one-element tensors are numbers; the closure may return a numpy float; warnings point at the caller."""
+    import numpy as np
+    model = SmallNet()
+    x = torch.randn(8, 6)
+    opt = Z.ZOSGD(model, lr=np.float32(0.1), seed=1, backend=BACKEND)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for key, value in (("weight_decay", -5.0), ("lr", 1e39), ("lr", float("nan")), ("lr", "0.1")):
+        keep = opt.param_groups[0][key]
+        opt.param_groups[0][key] = value
+        with pytest.raises(ValueError, match=key):
+            opt.step(lambda: model(x).pow(2).mean())
+        opt.param_groups[0][key] = keep
+    assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
+    opt.param_groups[0]["lr"] = torch.tensor(0.05)
+    opt.step(lambda: np.float32(model(x).pow(2).mean().item()))
+    assert opt.log.steps[-1].lr == (pytest.approx(0.05),) and not opt.log.steps[-1].skipped
+    with pytest.raises(TypeError, match="real scalar"):
+        opt.step(lambda: torch.tensor(1 + 2j))
+    calls = []
+
+    def huge():  # L+ - L- = 2e36 (float32): g ~ 1e39 is beyond float32
+        calls.append(1)
+        return model(x).pow(2).mean() * 0 + (1e36 if len(calls) % 2 else -1e36)
+
+    with pytest.warns(RuntimeWarning, match=r"gradients \(9\.99\d*e\+38,\) overflow float32; the step was skipped") as rec:
+        opt.step(huge)
+    assert all(w.filename == __file__ for w in rec), [w.filename for w in rec]
+
+
 def test_seed_none_uses_os_entropy_not_torch_rng():
     net_a, net_b = SmallNet(), SmallNet()
     state = torch.random.get_rng_state()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import os
 import platform
 import shutil
 import sys
@@ -20,6 +21,7 @@ def environment_report() -> str:
 
     from . import CONTRACT_VERSION, __version__
     from .backends import registry
+    from .ops import BACKEND_ENV, select_backend
 
     lines = [f"zokernels {__version__} (perturbation contract v{CONTRACT_VERSION})",
              f"python {platform.python_version()} on {platform.platform()}"]
@@ -47,6 +49,13 @@ def environment_report() -> str:
             lines.append(f"  {name:9s} {status}")
     lines.append(f"backend='auto' on {devices[-1]}: "
                  f"{registry.auto(devices[-1]).NAME}")
+    forced = os.environ.get(BACKEND_ENV)
+    if forced:
+        try:
+            chosen = select_backend(devices[-1]).NAME
+        except Exception as e:  # noqa: BLE001 — the report shows what the ops would raise
+            chosen = f"error: {e}"
+        lines.append(f"  ${BACKEND_ENV}={forced}: backend='auto' means {forced!r}; on {devices[-1]}: {chosen}")
     # the op families a backend may lack (e.g. a zokernels._cuda built before them): what 'auto' runs them on
     from .ops import MASKED_OPS
     from .quant.ops import QUANT_OPS

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import resource
+import shutil
 import sys
 import time
 from typing import Sequence
@@ -44,6 +46,21 @@ GPU_DEFAULTS = dict(tune="all", dtype="bfloat16", lr=1e-6, lr_scheduler="constan
 # docs/quzo.md). Measured with these values: 100 steps left test accuracy unchanged (67.5% -> 67.0%, p = 1).
 QUZO_CPU_DEFAULTS = dict(lr=1e-3, eps=1e-3, max_steps=100, lr_scheduler="linear", eval_every=25)
 QUZO_MODES = ("all", "last-layers")
+# ZO lr, eps and the --baseline fo AdamW lr when not given, per --tune (ZOSGD; QuZO keeps the values above): the
+# step size that suits 576 norm weights is ~10^5 times too large for all 135M weights (the SPSA estimate's
+# variance grows with the number of weights perturbed), so one lr for every --tune would wreck the other modes
+# (--smoke --tune lora at lr 0.2: test accuracy 0.875 -> 0.375 in 2 steps).
+#   final-norm: measured on CPU (see CPU_DEFAULTS); all / last-layers: MeZO's full-parameter lr 1e-6, eps 1e-3
+#   (its first-order FT lr 1e-5); lora: MeZO's LoRA lr 1e-4, eps 1e-2 (first-order 1e-4); norms (35k weights on
+#   the default model): NOT tuned, final-norm's lr scaled by 576 / 35k weights.
+TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
+                 "norms": dict(lr=3e-3, eps=1e-3, fo_lr=1e-3),
+                 "lora": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
+                 "last-layers": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5),
+                 "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
+# What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
+RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", "finetune_log.npz", "quzo_log.json",
+               "model", "trainer", "trainer_fo")
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -116,14 +133,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimized: ce = cross-entropy over the label words' log-likelihoods (MeZO's "
                         "train_as_classification); lm = full-vocabulary NLL of the label word; "
                         "accuracy = 1 - batch accuracy")
-    t.add_argument("--lr", type=float)
-    t.add_argument("--eps", type=float)
-    t.add_argument("--max-steps", type=int)
+    t.add_argument("--lr", type=float, help="ZO learning rate (default per --tune: final-norm 0.2, norms 3e-3, "
+                   "lora 1e-4, last-layers / all 1e-6; QuZO on CPU 1e-3)")
+    t.add_argument("--eps", type=float, help="perturbation scale (default 1e-3; lora 1e-2)")
+    t.add_argument("--max-steps", type=int, help="ZO steps (default: CPU 2000, QuZO on CPU 100, GPU 20000)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per ZO step (same z for all)")
     t.add_argument("--n-queries", type=int)
     t.add_argument("--weight-decay", type=float, default=0.0)
-    t.add_argument("--lr-scheduler", help="any transformers scheduler name (default: CPU linear, GPU constant)")
+    t.add_argument("--lr-scheduler", help="a transformers scheduler name: linear, cosine, constant, ... (default: "
+                   "CPU linear, GPU constant)")
     t.add_argument("--probe", choices=("auto", "hooks", "swap", "inplace"))
     t.add_argument("--eval-every", type=int, help="dev accuracy every N steps (0: never)")
     t.add_argument("--eval-batch-size", type=int)
@@ -131,9 +150,12 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--baseline", choices=("none", "fo"), default="none",
                    help="fo: also fine-tune the same parameters with first-order AdamW on the same data")
-    t.add_argument("--fo-lr", type=float, help="AdamW learning rate of --baseline fo")
+    t.add_argument("--fo-lr", type=float, help="AdamW learning rate of --baseline fo (default per --tune: "
+                   "final-norm 1e-2, norms 1e-3, lora 1e-4, last-layers / all 1e-5)")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="zo-finetune-out")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace the results of an earlier run in --output-dir (refused without it)")
     o.add_argument("--save-model", choices=("yes", "no"), default="yes",
                    help="no: keep only the fine-tune log and print the command that rebuilds the model")
     o.add_argument("--smoke", action="store_true", help="2 steps, 8 eval examples: a quick end-to-end check")
@@ -154,6 +176,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     quzo = args.quant != "none" and (args.tune or cfg["tune"]) in QUZO_MODES
     if quzo and device == "cpu":
         cfg.update(QUZO_CPU_DEFAULTS)
+    if not quzo:
+        cfg.update(TUNE_DEFAULTS[args.tune or cfg["tune"]])
     if args.smoke:
         cfg.update(SMOKE)
     for key in list(cfg):
@@ -163,7 +187,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
     for key in ("model", "data", "text_column", "label_column", "labels", "verbalizer", "template", "encoding",
                 "lora_r", "lora_alpha", "objective", "grad_accum", "weight_decay", "save_steps",
                 "seed", "baseline", "output_dir", "save_model", "cache_trunk", "tune_layers", "quant",
-                "quant_group_size", "float_zero_shot"):
+                "quant_group_size", "float_zero_shot", "overwrite"):
         cfg[key] = getattr(args, key)
     cfg["device"] = device
     from .quant.linear import AUTO_MATMUL, MATMUL_FORMAT
@@ -197,15 +221,40 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         if cfg[key] < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
     for key in ("lr", "eps", "fo_lr"):
-        if not cfg[key] > 0:
-            parser.error(f"--{key.replace('_', '-')} must be > 0, got {cfg[key]}")
-    if cfg["weight_decay"] < 0:
-        parser.error(f"--weight-decay must be >= 0, got {cfg['weight_decay']}")
+        if not (cfg[key] > 0 and math.isfinite(cfg[key])):
+            parser.error(f"--{key.replace('_', '-')} must be a finite number > 0, got {cfg[key]}")
+    if not (cfg["weight_decay"] >= 0 and math.isfinite(cfg["weight_decay"])):
+        parser.error(f"--weight-decay must be a finite number >= 0, got {cfg['weight_decay']}")
+    schedulers = _scheduler_names()
+    if cfg["lr_scheduler"] not in schedulers:
+        parser.error(f"--lr-scheduler must be one of {', '.join(schedulers)}; got {cfg['lr_scheduler']!r}")
     if cfg["test_examples"] < 1:
         parser.error("--test-examples must be >= 1 (the test accuracy is the result)")
     if cfg["dtype"] == "float16" and device == "cpu":
         raise ZOError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
     return cfg
+
+
+def _scheduler_names() -> list[str]:
+    """The lr schedules transformers' Trainer accepts by name (those that need extra arguments excluded)."""
+    from transformers import SchedulerType
+
+    needs_kwargs = {"reduce_lr_on_plateau", "cosine_with_min_lr", "cosine_warmup_with_min_lr", "warmup_stable_decay",
+                    "greedy"}
+    return [s.value for s in SchedulerType if s.value not in needs_kwargs]
+
+
+def prepare_output_dir(out: str, overwrite: bool) -> None:
+    """Refuse a directory holding an earlier run's results unless `overwrite`; with it, remove them first, so a
+    run that fails part way never leaves its run_config.json beside another run's metrics and model."""
+    found = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
+    if found and not overwrite:
+        raise ZOError(f"--output-dir {out} holds an earlier run ({', '.join(found)}); pass --overwrite to replace "
+                      "it, or choose another --output-dir")
+    for name in found:
+        path = os.path.join(out, name)
+        shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
+    os.makedirs(out, exist_ok=True)
 
 
 def parse_verbalizer(spec: str | None, labels: Sequence[str]) -> dict[str, str]:
@@ -396,8 +445,11 @@ def run(cfg: dict) -> dict:
 
     t_start = time.time()
     out = cfg["output_dir"]
-    os.makedirs(out, exist_ok=True)
+    prepare_output_dir(out, cfg.get("overwrite", False))
     say = print
+
+    def bar(desc: str) -> str | None:  # evaluation progress bars (a CPU zero-shot pass takes minutes)
+        return None if cfg.get("no_progress") else desc
     data_path, task, splits = load_task_data(cfg)
     say(f"data: {data_path}: train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])} "
         f"examples; labels {task.labels}")
@@ -416,7 +468,7 @@ def run(cfg: dict) -> dict:
     zs_float = None
     if quant != "none" and cfg.get("float_zero_shot", "yes") == "yes":
         t0 = time.time()
-        zs_float = evaluate_accuracy(model, collator, splits["test"], ebs)[0]
+        zs_float = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("zero-shot (float), test"))[0]
         say(f"zero-shot of the float model (before --quant {quant}): test accuracy {zs_float:.4f} "
             f"({time.time() - t0:.1f}s)")
     model = select_trainable(model, tune, lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
@@ -456,8 +508,9 @@ def run(cfg: dict) -> dict:
         json.dump(run_config, fh, indent=1)
 
     t0 = time.time()
-    zs_test, zs_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs)
-    zs_dev = evaluate_accuracy(model, collator, splits["dev"], ebs)[0] if splits["dev"] else None
+    zs_test, zs_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("zero-shot, test"))
+    zs_dev = evaluate_accuracy(model, collator, splits["dev"], ebs, progress=bar("zero-shot, dev"))[0] \
+        if splits["dev"] else None
     t_zero_shot = time.time() - t0
     say(f"zero-shot{f' ({quant} model)' if quant != 'none' else ''}: test accuracy {zs_test:.4f}"
         + (f", dev {zs_dev:.4f}" if zs_dev is not None else "") + f" ({t_zero_shot:.1f}s)")
@@ -478,7 +531,7 @@ def run(cfg: dict) -> dict:
     zo = trainer.zo_optimizer
 
     t0 = time.time()
-    ft_test, ft_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs)
+    ft_test, ft_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("fine-tuned, test"))
     t_final_eval = time.time() - t0
     test_vs_zero_shot = mcnemar(zs_test_correct, ft_test_correct)
     say(f"fine-tuned: test accuracy {ft_test:.4f} (zero-shot {zs_test:.4f}, {100 * (ft_test - zs_test):+.1f} points; "
@@ -549,7 +602,7 @@ def run(cfg: dict) -> dict:
         t0 = time.time()
         fo_trainer.train()
         t_fo = time.time() - t0
-        fo_test, fo_correct = evaluate_accuracy(model, collator, splits["test"], ebs)
+        fo_test, fo_correct = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("first-order, test"))
         curves["FO"] = curves_from_history(fo_trainer.state.log_history)
         final["FO"] = fo_test
         metrics["fo"] = {"test_accuracy": fo_test, "gain_points": 100 * (fo_test - zs_test),

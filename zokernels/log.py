@@ -2,7 +2,9 @@
 
 A ZO step is fully described by its seed, its Q projected gradients and its learning rates, so a
 run of T steps is ~ T * (8 + 8Q + 16G) bytes (G param groups) instead of a checkpoint. `replay`
-re-applies the logged steps to the base weights, bitwise (same backend), with no forward.
+re-applies the logged steps to the base weights, with no forward: bitwise with the backend training
+used (recorded in the header; replay warns when it resolves to another: Gaussian z then go through
+another float32 libm, ~1e-7 relative, and a 16-bit rounding may fall the other way in rare elements).
 
 File format (`FineTuneLog.save`): a numpy .npz, no pickle — `header` (UTF-8 JSON as uint8),
 `seeds` uint64 [T], `grads` float64 [T, Q], `lrs` / `wds` float64 [T, G], `skipped` bool [T],
@@ -14,12 +16,14 @@ import hashlib
 import io
 import json
 import os
+import warnings
 from typing import Iterable
 
 import numpy as np
 import torch
 
 from . import contract as C
+from . import ops
 from .optim.update import ParamTable, StepConfig, StepRecord, apply_step
 
 FORMAT = "zokernels.finetune_log"
@@ -168,6 +172,12 @@ def new_header(*, config: StepConfig, groups: list[dict], keys: dict[str, int], 
     }
 
 
+def resolved_backends(tensors: Iterable[torch.Tensor], backend: str) -> dict[str, str]:
+    """{device type: the backend `backend` resolves to there} for the devices of `tensors`."""
+    devices = {t.device.type: t.device for t in tensors}
+    return {kind: ops.select_backend(dev, backend).NAME for kind, dev in sorted(devices.items())}
+
+
 # ----------------------------------------------------------------------------- replay
 def _named(model_or_named_params) -> list[tuple[str, torch.Tensor]]:
     if isinstance(model_or_named_params, torch.nn.Module):
@@ -224,6 +234,12 @@ def replay(model_or_named_params, log_or_path: FineTuneLog | str | os.PathLike, 
     log = log_or_path if isinstance(log_or_path, FineTuneLog) else FineTuneLog.load(log_or_path)
     params = check_log(log, _named(model_or_named_params))
     _attach_masks(log, params, masks)
+    trained = log.header.get("backends")
+    now = resolved_backends(params.tensors, backend)
+    if trained is not None and trained != now:
+        warnings.warn(f"replay: training ran the ops with backend {trained}, this replay with {now}: the weights "
+                      "will match to float32 rounding (~1e-7 relative), not bitwise; replay on the training "
+                      "device with backend=... for a bitwise rebuild", stacklevel=2)
     config = log.config
     with torch.no_grad():
         for record in log.steps:

@@ -7,6 +7,7 @@ float32; 16-bit results are rounded once, at the end, to nearest or stochastical
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Sequence
 from typing import Iterable
@@ -116,6 +117,8 @@ def _update_args(tensors, seed, coeffs, lr, weight_decay, dist, rounding, sr_str
                  restore_query) -> tuple[UpdateSpec, list[float], list[float]]:
     """Validate zo_update_-like arguments: (UpdateSpec, per-tensor lrs, per-tensor weight decays)."""
     C.check_u64(seed, "seed")
+    if isinstance(coeffs, (numbers.Number, torch.Tensor)) and not (isinstance(coeffs, torch.Tensor) and coeffs.ndim):
+        raise OpError(f"coeffs must be a sequence of numbers, one per query (e.g. [g]), got {coeffs!r}")
     coeffs = tuple(_f32(c, "coeff") for c in coeffs)
     if len(coeffs) > C.MAX_QUERIES:
         raise OpError(f"at most {C.MAX_QUERIES} queries per update, got {len(coeffs)}")
@@ -145,11 +148,18 @@ def _check_outs(outs, tensors: list[torch.Tensor], what: str) -> list[torch.Tens
 def select_backend(device: torch.device, backend: str = "auto"):
     """The backend module for tensors on `device`: 'auto' tries cuda, triton, reference (in that
     order, first usable); $ZOKERNELS_BACKEND forces one when backend='auto'."""
+    forced = backend == "auto" and (os.environ.get(BACKEND_ENV) or "auto") != "auto"
     if backend == "auto":
         backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
     if backend == "auto":
         return registry.auto(device)
-    return registry.require(backend, device)
+    try:
+        return registry.require(backend, device)
+    except registry.BackendUnavailable as e:
+        if forced:
+            raise registry.BackendUnavailable(f"{e} (backend {backend!r} comes from ${BACKEND_ENV}; unset it to let "
+                                              "'auto' choose)") from None
+        raise
 
 
 # ----------------------------------------------------------------------------- ops
@@ -222,6 +232,7 @@ def stochastic_round(x: torch.Tensor, dtype: torch.dtype, seed: int, key: int, q
     return out
 
 
+@torch.no_grad()  # mutates parameters in place, as torch.optim's step does
 def perturb_(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, scale: float, keys,
              *, query: int = 0, dist: str = "gaussian", offsets=None, rounding: str = "nearest",
              sr_stream: int = C.STREAM_PROBE_SR_POS, backend: str = "auto") -> None:
@@ -236,6 +247,7 @@ def perturb_(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, scale: f
         select_backend(g.device, backend).perturb_(g, seed, scale, query, dist, rounding, sr_stream)
 
 
+@torch.no_grad()  # probe scratch: no autograd history
 def perturbed_copy(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, scale: float, keys, *,
                    query: int = 0, dist: str = "gaussian", offsets=None, rounding: str = "nearest",
                    sr_stream: int = C.STREAM_PROBE_SR_POS, outs=None,
@@ -259,6 +271,7 @@ def perturbed_copy(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, sc
     return outs[0] if single else outs
 
 
+@torch.no_grad()  # mutates parameters in place, as torch.optim's step does
 def zo_update_(tensors: torch.Tensor | Iterable[torch.Tensor], seed: int, keys, coeffs: Sequence[float],
                lr, weight_decay=0.0, *, dist: str = "gaussian", offsets=None, rounding: str = "stochastic",
                restore_scale: float | None = None, restore_query: int = 0,
@@ -319,6 +332,7 @@ def _masked_groups(tensors, masks, keys, offsets, lrs=None, wds=None):
     return [(g, [masks[index[id(t)]] for t in g.tensors]) for g in _group(tensors, keys, offsets, lrs, wds)]
 
 
+@torch.no_grad()  # mutates parameters in place, as torch.optim's step does
 def masked_perturb_(tensors, masks, seed: int, scale: float, keys, *, query: int = 0, dist: str = "gaussian",
                     offsets=None, rounding: str = "nearest", sr_stream: int = C.STREAM_PROBE_SR_POS,
                     backend: str = "auto") -> None:
@@ -334,6 +348,7 @@ def masked_perturb_(tensors, masks, seed: int, scale: float, keys, *, query: int
                                                            sr_stream)
 
 
+@torch.no_grad()  # probe scratch: no autograd history
 def masked_perturbed_copy(tensors, masks, seed: int, scale: float, keys, *, query: int = 0,
                           dist: str = "gaussian", offsets=None, rounding: str = "nearest",
                           sr_stream: int = C.STREAM_PROBE_SR_POS, outs=None, backend: str = "auto"):
@@ -361,6 +376,7 @@ def masked_perturbed_copy(tensors, masks, seed: int, scale: float, keys, *, quer
     return outs[0] if single else outs
 
 
+@torch.no_grad()  # mutates parameters in place, as torch.optim's step does
 def masked_zo_update_(tensors, masks, seed: int, keys, coeffs: Sequence[float], lr, weight_decay=0.0, *,
                       dist: str = "gaussian", offsets=None, rounding: str = "stochastic",
                       restore_scale: float | None = None, restore_query: int = 0,

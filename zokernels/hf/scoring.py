@@ -373,17 +373,26 @@ class VerbalizerObjective:
 
 @torch.no_grad()
 def evaluate_accuracy(model: nn.Module, collator: VerbalizerCollator, examples: Sequence[Example],
-                      batch_size: int = 16, device=None) -> tuple[float, list[bool]]:
-    """Accuracy and the per-example correctness (for McNemar), model in eval mode, no autograd."""
+                      batch_size: int = 16, device=None, progress: str | None = None) -> tuple[float, list[bool]]:
+    """Accuracy and the per-example correctness (for McNemar), model in eval mode, no autograd. `progress`:
+    the description of a tqdm bar over the examples (None: no bar)."""
     was_training = model.training
     model.eval()
     device = device or next(model.parameters()).device
     correct: list[bool] = []
+    bar = None
+    if progress is not None:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(examples), desc=progress, unit="ex", leave=False)
     try:
         for i in range(0, len(examples), batch_size):
             batch = {k: v.to(device) for k, v in collator(examples[i:i + batch_size]).items()}
             scores = candidate_scores(model, batch)
             correct.extend((scores.argmax(1) == batch["label"]).tolist())
+            if bar is not None:
+                bar.update(len(scores))
     finally:
         model.train(was_training)
+        if bar is not None:
+            bar.close()
     return (sum(correct) / len(correct) if correct else float("nan")), correct

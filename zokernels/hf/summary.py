@@ -45,8 +45,18 @@ def table(run_dirs: list[str]) -> str:
     return "\n".join([HEADER, *rows])
 
 
-if __name__ == "__main__":
-    if len(sys.argv) < 2:
+def main(argv: list[str]) -> int:
+    if not argv:
         print("usage: python -m zokernels.hf.summary RUN_DIR [RUN_DIR ...]", file=sys.stderr)
-        sys.exit(2)
-    print(table(sys.argv[1:]))
+        return 2
+    missing = [d for d in argv if not os.path.isfile(os.path.join(d, "metrics.json"))]
+    if missing:
+        print(f"error: no metrics.json in {', '.join(missing)} (a finished `python -m zokernels finetune "
+              "--output-dir DIR` run writes it)", file=sys.stderr)
+        return 2
+    print(table(argv))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -46,7 +46,20 @@ from ..optim.common import eval_mode
 from ..optim.quzo import QuZO
 from ..quant.linear import quant_layers
 
-SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"
+SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"  # the releases the tests ran on (ZOTrainer overrides Trainer internals)
+
+
+def _warn_if_untested_transformers() -> None:
+    import transformers
+    from packaging.specifiers import SpecifierSet
+
+    if transformers.__version__ not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
+        warnings.warn(f"zokernels.hf was tested with transformers {SUPPORTED_TRANSFORMERS}, this is "
+                      f"{transformers.__version__}: ZOTrainer overrides Trainer.training_step and create_optimizer, "
+                      "whose signatures change between releases", stacklevel=3)
+
+
+_warn_if_untested_transformers()
 
 
 class ObjectiveMixin:

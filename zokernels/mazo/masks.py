@@ -260,7 +260,10 @@ def build_masks(scores: Mapping[str, torch.Tensor], ratio: float = 0.1, rule: st
 # ----------------------------------------------------------------------------- files (no pickle)
 def save_masks(masks: Mapping[str, ParamMask], path: str | os.PathLike) -> None:
     """safetensors file: one tensor per parameter (its index), formats in the metadata."""
-    from safetensors.torch import save_file
+    try:
+        from safetensors.torch import save_file
+    except ImportError as e:
+        raise ImportError("saving masks needs safetensors: pip install safetensors") from e
 
     meta = {name: {"kind": m.kind, "shape": list(m.shape), "block": m.block} for name, m in masks.items()}
     tensors = {name: m.index.detach().cpu().contiguous() for name, m in masks.items()}
@@ -268,7 +271,10 @@ def save_masks(masks: Mapping[str, ParamMask], path: str | os.PathLike) -> None:
 
 
 def load_masks(path: str | os.PathLike, device="cpu") -> dict[str, ParamMask]:
-    from safetensors import safe_open
+    try:
+        from safetensors import safe_open
+    except ImportError as e:
+        raise ImportError("loading masks needs safetensors: pip install safetensors") from e
 
     out = {}
     with safe_open(os.fspath(path), framework="pt", device="cpu") as f:

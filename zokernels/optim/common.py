@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import contextlib
+import numbers
+import os
+import sys
 
 import torch
 
@@ -12,10 +15,25 @@ def scalar_loss(loss) -> float:
         if loss.numel() != 1:
             raise ValueError(f"the closure must return a scalar loss; got a tensor of shape {tuple(loss.shape)} "
                              "(reduce it, e.g. .mean())")
+        if loss.is_complex() or loss.dtype == torch.bool:
+            raise TypeError(f"the closure must return a real scalar loss, got a {loss.dtype} tensor")
         return float(loss.detach().reshape(()).item())
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):  # int, float, numpy scalars
         return float(loss)
     raise TypeError(f"the closure must return a scalar loss (0-d tensor or float), got {type(loss).__name__}")
+
+
+_INTERNAL_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,
+                  os.path.dirname(os.path.abspath(torch.optim.__file__)) + os.sep)
+
+
+def user_stacklevel() -> int:
+    """The `stacklevel` that makes a warning raised by the caller of this function point at the user's code:
+    the first frame outside zokernels and torch.optim (whose step wrapper sits between step() and the user)."""
+    frame, level = sys._getframe(1), 1
+    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+        frame, level = frame.f_back, level + 1
+    return level
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ import torch
 from .. import contract as C
 from ..quant import ops as QO
 from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
-from .common import eval_mode, scalar_loss
+from .common import eval_mode, scalar_loss, user_stacklevel
 from .zosgd import NonFiniteLoss
 
 PROBES = ("fused", "inplace")
@@ -236,7 +236,7 @@ class QuZO(torch.optim.Optimizer):
                 msg = f"QuZO step {self._step - 1}: non-finite loss or gradient {grads}; step skipped"
                 if self.nonfinite == "raise":
                     raise NonFiniteLoss(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=2)
+                warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
                 return torch.tensor(loss, dtype=torch.float32)
             record = QuZORecord(seed, grads, lrs, False, sat)
             record.update_saturated = apply_record(self._layers, record, cfg, cache, self.backend)

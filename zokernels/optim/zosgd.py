@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import os
 import warnings
 from dataclasses import asdict
@@ -12,10 +13,10 @@ import torch
 from .. import contract as C
 from .. import distributed
 from .. import ops
-from ..log import FineTuneLog, base_fingerprint, new_header
+from ..log import FineTuneLog, base_fingerprint, new_header, resolved_backends
 from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
-from .common import eval_mode, scalar_loss
+from .common import eval_mode, scalar_loss, user_stacklevel
 from .update import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
                      projected_grads)
@@ -41,6 +42,11 @@ class ZOSGD(torch.optim.Optimizer):
     an ulp is lost, and lr * g * z usually is); float32 weights are exact float32 arithmetic.
     `step(closure)` calls closure() (a forward returning a scalar loss) under torch.no_grad() and the
     model in eval mode (restored after), and returns the mean probe loss ((L+ + L-)/2, or L0).
+
+    Frozen parameters (an nn.Parameter with requires_grad=False) are left alone whichever way they are
+    passed (a module, model.parameters(), named_parameters(), groups), as a first-order optimizer leaves
+    them (they get no grad) and as MeZO does: ZOSGD(peft_model.parameters()) trains the adapters only.
+    Plain tensors (not nn.Parameter) are always trained.
 
     masks={name or tensor: zokernels.mazo.ParamMask} (MaZO, docs/mazo.md): those parameters are
     perturbed and updated on their masked elements only (z there is the dense contract's z); the
@@ -160,6 +166,8 @@ class ZOSGD(torch.optim.Optimizer):
                                           base_seed=self.base_seed,
                                           fingerprint=base_fingerprint(
                                               zip(flat_names, distributed.full_tensors(tensors)))))
+        # what each device's ops ran with: replay warns when it resolves to another backend (not bitwise then)
+        self.log.header["backends"] = resolved_backends(self._table.tensors, backend)
         if self._table.masks is not None:  # replay refuses other masks
             self.log.header["masks"] = masks_fingerprint((n, m) for n, m in zip(flat_names, self._table.masks)
                                                          if m is not None)
@@ -181,10 +189,11 @@ class ZOSGD(torch.optim.Optimizer):
             raise ValueError("ZOSGD.step needs a closure: a function that runs a forward and returns the "
                              "loss (it is called 2 * n_queries times per step, under torch.no_grad())")
         seed = C.step_seed(self.base_seed, self._step)
-        lrs = tuple(float(g["lr"]) for g in self.param_groups)
-        wds = tuple(float(g["weight_decay"]) for g in self.param_groups)
-        for v in lrs:
-            _check_number(v, "lr", lambda x: x >= 0, ">= 0")
+        for g in self.param_groups:  # a scheduler or the user may have changed them since the last step
+            _check_number(g["lr"], "lr", lambda x: x >= 0, ">= 0")
+            _check_number(g["weight_decay"], "weight_decay", lambda x: x >= 0, ">= 0")
+        lrs = tuple(_as_float(g["lr"]) for g in self.param_groups)
+        wds = tuple(_as_float(g["weight_decay"]) for g in self.param_groups)
         with torch.no_grad(), self._eval_mode():
             if self.config.probe == "inplace":
                 loss = self._inplace_step(closure, seed, lrs, wds)
@@ -237,7 +246,7 @@ class ZOSGD(torch.optim.Optimizer):
         agreed = distributed.broadcast_seed(seed, self._group)
         if given and agreed != seed:
             warnings.warn(f"ZOSGD: this rank's seed {seed} differs from rank 0's; using rank 0's {agreed} "
-                          "so that all replicas draw the same perturbations", stacklevel=3)
+                          "so that all replicas draw the same perturbations", stacklevel=user_stacklevel())
         return agreed
 
     def _check_spread(self) -> None:
@@ -274,7 +283,7 @@ class ZOSGD(torch.optim.Optimizer):
             warnings.warn(f"ZOSGD: {len(names)} parameter(s) are read outside their owning module's forward "
                           f"(so forward hooks cannot perturb them): {names}. They are now swapped for the "
                           "whole forward (drift-free, extra memory = their size); probe recomputed.",
-                          stacklevel=4)
+                          stacklevel=user_stacklevel())
         names = sorted(self._names[i] for i in reads.hits)
         raise ProbeError(f"ZOSGD: parameters {names} are read through their original storage even while "
                          "swapped for the whole forward (a cached alias, e.g. a stored transpose or view?). "
@@ -318,7 +327,8 @@ class ZOSGD(torch.optim.Optimizer):
         grads = projected_grads(plus, minus, loss0, cfg)
         loss = loss0 if cfg.one_sided else sum(p + m for p, m in zip(plus, minus)) / (2 * cfg.n_queries)
         if not coeffs_representable(grads, cfg.n_queries):
-            return self._skip(seed, lrs, wds, -1, loss, f"the projected gradients {grads} (overflow)")
+            self._record_dropped(seed, lrs, wds, -1)
+            return self._warn_or_raise(f"the projected gradients {grads} overflow float32", loss)
         record = StepRecord(seed, grads, lrs, wds)
         apply_update(self._table, record, cfg, self.backend)
         if self._table.masks is not None:
@@ -362,7 +372,7 @@ class ZOSGD(torch.optim.Optimizer):
             record = StepRecord(seed, (math.nan,) * n, lrs, wds, skipped=True)
             finish_inplace(self._table, record, cfg, self.backend)
             self._commit(record)
-            return self._warn_or_raise(f"the projected gradients {grads} (overflow)", loss)
+            return self._warn_or_raise(f"the projected gradients {grads} overflow float32", loss)
         finish_inplace(self._table, record, cfg, self.backend)
         self._commit(record)
         return loss
@@ -382,14 +392,30 @@ class ZOSGD(torch.optim.Optimizer):
         message = f"ZOSGD step {self._step - 1}: {message}; the step was skipped (weights unchanged)"
         if self.nonfinite == "raise":
             raise NonFiniteLoss(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=4)
+        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
         return loss
 
 
 # ---------------------------------------------------------------------- parameter collection
+FLOAT32_MAX = 3.4028234663852886e38  # the kernels take lr, weight decay and eps as float32
+
+
+def _as_float(v) -> float:
+    """A Python number, numpy scalar or one-element tensor as a float (TypeError for anything else)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+        return float(v.item())
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(type(v).__name__)
+    return float(v)
+
+
 def _check_number(v, what: str, ok, rule: str) -> None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not ok(v):
-        raise ValueError(f"{what} must be a finite number {rule}, got {v!r}")
+    try:
+        x = _as_float(v)
+    except TypeError:
+        raise ValueError(f"{what} must be a finite number {rule}, got {v!r} (a {type(v).__name__})") from None
+    if not (math.isfinite(x) and abs(x) <= FLOAT32_MAX and ok(x)):
+        raise ValueError(f"{what} must be a finite number {rule} (and within float32 range), got {v!r}")
 
 
 def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], list[list[str]]]:
@@ -432,6 +458,8 @@ def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], 
                 name, t = None, e
             if not isinstance(t, torch.Tensor):
                 raise TypeError(f"parameter {index} is a {type(t).__name__}, not a tensor")
+            if isinstance(t, torch.nn.Parameter) and not t.requires_grad:
+                continue  # frozen
             _check_param(t, name or f"#{index}")
             if id(t) in seen:
                 raise ValueError(f"parameter {name or index} is listed twice")
@@ -452,7 +480,8 @@ def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], 
         groups.append({**{k: v for k, v in g.items() if k != "params"}, "params": tensors})
         names.append(g_names)
     if index == 0:
-        raise ValueError("ZOSGD got an empty parameter list (no trainable parameters)")
+        raise ValueError("ZOSGD got no trainable parameters (the list is empty, or every nn.Parameter in it has "
+                         "requires_grad=False)")
     flat = [n for g in names for n in g]
     keys = [C.param_key(n) for n in flat]
     if len(set(keys)) != len(keys):
@@ -461,7 +490,7 @@ def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], 
     if unnamed:
         warnings.warn(f"ZOSGD: {unnamed} parameters have no names; their contract keys are 'param.<i>' by "
                       "position, so the perturbations (and a saved log) depend on parameter order. Pass "
-                      "the model, model=..., or (name, tensor) pairs for stable keys.", stacklevel=3)
+                      "the model, model=..., or (name, tensor) pairs for stable keys.", stacklevel=user_stacklevel())
     return groups, names
 
 

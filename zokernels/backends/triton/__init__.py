@@ -75,6 +75,24 @@ def _load_kernels():
     return _kernels
 
 
+_interpreter_checked: list = []
+
+
+def _interpreter_defect(kernels) -> str | None:
+    """Why this triton's interpreter cannot run the kernels (None: it can); probed once."""
+    if not _interpreter_checked:
+        out = torch.zeros(1, dtype=torch.int32)
+        try:
+            kernels.runtime_loop_kernel[(1,)](out, 3)
+            bad = None if int(out[0]) == 3 else f"a runtime-bounded loop counted {int(out[0])}, not 3"
+        except Exception as e:  # noqa: BLE001 — whatever the interpreter raises, the kernels cannot run
+            bad = f"{type(e).__name__}: {e}"
+        _interpreter_checked.append(None if bad is None else (
+            f"triton {getattr(kernels.triton, '__version__', '?')}'s interpreter cannot run a loop bounded by a runtime argument ({bad}); "
+            "triton 3.9 can (requirements/cpu.txt), or use backend='reference' on CPU"))
+    return _interpreter_checked[0]
+
+
 def unavailable_reason(device: torch.device) -> str | None:
     """None if this backend can run on `device`, else the reason and the fix."""
     device = torch.device(device)
@@ -92,7 +110,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         if not kernels.INTERPRETED:
             return ("triton kernels were compiled for the GPU because TRITON_INTERPRET=1 was set after they were "
                     "imported; set it before importing triton to run CPU tensors")
-        return None
+        return _interpreter_defect(kernels)
     if not torch.cuda.is_available():
         return "CUDA is not available (torch.cuda.is_available() is False)"
     if _interpret_requested():

@@ -11,9 +11,11 @@ Tensor table (int64, 4 per tensor): element delta of data_ptr from the base poin
 key (uint64 as int64 bits), global offset. Storage kinds (KIND): 0 float32, 1 bfloat16 handled
 as int16 bit patterns (exact conversions on GPU and interpreter alike), 2 float16.
 
-Precise math: PRECISE selects libdevice log/cos/sin on GPU (tl.log/cos/sin lower to approximate
-PTX instructions there); under the interpreter libdevice returns None, and tl.* are numpy's
-float32 functions. sqrt is tl.sqrt_rn in both. Launch with enable_fp_fusion=False so that no
+Precise math: PRECISE selects libdevice log/cos/sin by name on GPU, so the contract's float32 libm
+never depends on how a Triton version lowers tl.log/cos/sin (sm_90 PTX of fill z, triton 3.6.0 and
+3.9.0: no .approx instruction with or without PRECISE, i.e. today tl.* lower to precise code too);
+under the interpreter libdevice returns None, and tl.* are numpy's float32 functions. sqrt is
+tl.sqrt_rn in both. Launch with enable_fp_fusion=False so that no
 multiply-add is contracted and float32 arithmetic follows the reference step by step.
 
 PTX for sm_90 compiled offline (triton 3.9, no GPU at hand; tests/test_triton_backend.py checks it): the
@@ -327,6 +329,16 @@ def update_kernel(ptr, tab_ptr, chunk_ptr, lrwd_ptr, coeff_ptr, n_coeffs, seed_l
     else:
         v = new
     _round_store(ptr + delta + local, new, v, mask, KIND, STOCHASTIC)
+
+
+@triton.jit
+def runtime_loop_kernel(out_ptr, n):
+    """out[0] = n, counted by a loop bounded by a runtime argument (the update kernels' coefficient loop):
+    the interpreter self-check (triton 3.6's interpreter fails such loops with numpy >= 2.4)."""
+    acc = tl.zeros((1,), dtype=tl.int32)
+    for _ in range(0, n):
+        acc += 1
+    tl.store(out_ptr + tl.arange(0, 1), acc)
 
 
 INTERPRETED = type(perturb_kernel).__name__ == "InterpretedFunction"
