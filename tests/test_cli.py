@@ -100,10 +100,19 @@ def test_output_dir_with_an_earlier_run_is_refused_unless_overwrite(capsys, tmp_
     code, _, err = run_cli(capsys, ["--output-dir", str(out), "--device", "cpu"])
     assert code == 2 and "holds an earlier run (metrics.json, model)" in err and "--overwrite" in err, err
     assert (out / "metrics.json").exists()
+    (out / "model" / "config.json").write_text("{}")
+    code, _, err = run_cli(capsys, ["--output-dir", str(out), "--model", str(out / "model"), "--overwrite"])
+    assert code == 2 and "lies in the earlier run's model" in err, err   # never deletes its own input
+    assert (out / "model" / "config.json").exists()
     prepare_output_dir(str(out), overwrite=True)
     assert sorted(p.name for p in out.iterdir()) == ["notes.txt"]
     prepare_output_dir(str(tmp_path / "new" / "dir"), overwrite=False)
     assert (tmp_path / "new" / "dir").is_dir()
+    mine = tmp_path / "project"   # a directory that merely has a model/ of its own is not a run: never emptied
+    (mine / "model").mkdir(parents=True)
+    with pytest.raises(Exception, match="no zokernels run"):
+        prepare_output_dir(str(mine), overwrite=True)
+    assert (mine / "model").is_dir()
 
 
 def test_missing_label_column(capsys, tmp_path):

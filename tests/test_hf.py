@@ -59,15 +59,16 @@ def reference_scores(model, batch):
     return torch.zeros(n_ex * n_cand, dtype=torch.float64).index_add_(0, batch["target_cand"], picked).view(n_ex, -1)
 
 
-def test_untested_transformers_release_is_warned_about(monkeypatch):
-    import transformers
+def test_untested_transformers_release_is_warned_about():
     from zokernels.hf import trainer
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        trainer._warn_if_untested_transformers()  # this machine's release is a tested one
-    monkeypatch.setattr(transformers, "__version__", "4.46.0")
-    with pytest.warns(UserWarning, match="tested with transformers >=5.17,<5.24, this is 4.46.0"):
-        trainer._warn_if_untested_transformers()
+        trainer._warn_if_untested_transformers("5.17.0")
+        trainer._warn_if_untested_transformers("5.23.1")
+    for version in ("4.46.0", "5.24.0"):
+        with pytest.warns(UserWarning, match=f"tested with transformers >=5.17,<5.24, this is {version}") as rec:
+            trainer._warn_if_untested_transformers(version)
+        assert rec[0].filename == __file__
 
 
 @pytest.mark.parametrize("verbalizer", [None, {"pos": " great", "neg": " bad"}], ids=["single-token", "multi-token"])

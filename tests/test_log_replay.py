@@ -187,6 +187,13 @@ def test_log_records_the_backend_and_replay_warns_on_another():
     with pytest.warns(UserWarning, match="not bitwise"):
         Z.replay(other, opt.log, backend="reference")
     assert all(torch.allclose(other[n], params[n], rtol=1e-5, atol=1e-6) for n in base)
+    # resumed on another backend: warned, and the log is marked mixed (no single-backend replay is bitwise)
+    resumed = Z.ZOSGD(list(params.items()), lr=0.05, seed=3, backend="reference")
+    with pytest.warns(UserWarning, match="cannot be bitwise"):
+        resumed.load_state_dict(opt.state_dict())
+    assert "mixed" in resumed.log.header["backends"]
+    with pytest.warns(UserWarning, match="not bitwise"):
+        Z.replay({n: t.clone() for n, t in base.items()}, resumed.log, backend="triton")
 
 
 def test_replay_refuses_foreign_logs(tmp_path):

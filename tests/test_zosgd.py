@@ -255,9 +255,10 @@ def test_step_time_hyperparameters_and_closure_values():
             opt.step(lambda: model(x).pow(2).mean())
         opt.param_groups[0][key] = keep
     assert all(torch.equal(p, before[n]) for n, p in model.named_parameters())
-    opt.param_groups[0]["lr"] = torch.tensor(0.05)
-    opt.step(lambda: np.float32(model(x).pow(2).mean().item()))
-    assert opt.log.steps[-1].lr == (pytest.approx(0.05),) and not opt.log.steps[-1].skipped
+    for lr in (torch.tensor(0.05), np.array(0.05)):
+        opt.param_groups[0]["lr"] = lr
+        opt.step(lambda: np.float32(model(x).pow(2).mean().item()))
+        assert opt.log.steps[-1].lr == (pytest.approx(0.05),) and not opt.log.steps[-1].skipped
     with pytest.raises(TypeError, match="real scalar"):
         opt.step(lambda: torch.tensor(1 + 2j))
     calls = []

@@ -153,7 +153,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--fo-lr", type=float, help="AdamW learning rate of --baseline fo (default per --tune: "
                    "final-norm 1e-2, norms 1e-3, lora 1e-4, last-layers / all 1e-5)")
     o = p.add_argument_group("output")
-    o.add_argument("--output-dir", default="zo-finetune-out")
+    o.add_argument("--output-dir", default="zo-finetune-out", help="where results go (default: %(default)s)")
     o.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output-dir (refused without it)")
     o.add_argument("--save-model", choices=("yes", "no"), default="yes",
@@ -244,17 +244,35 @@ def _scheduler_names() -> list[str]:
     return [s.value for s in SchedulerType if s.value not in needs_kwargs]
 
 
-def prepare_output_dir(out: str, overwrite: bool) -> None:
+def prepare_output_dir(out: str, overwrite: bool, inputs: Sequence[str | None] = ()) -> None:
     """Refuse a directory holding an earlier run's results unless `overwrite`; with it, remove them first, so a
-    run that fails part way never leaves its run_config.json beside another run's metrics and model."""
-    found = [n for n in RUN_OUTPUTS if os.path.exists(os.path.join(out, n))]
-    if found and not overwrite:
+    run that fails part way never leaves its run_config.json beside another run's metrics and model. Never
+    removes anything from a directory that is not a zokernels run (no run_config.json / metrics.json), nor
+    an output that holds one of `inputs` (e.g. --model out/model with --output-dir out)."""
+    found = [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out, n))]
+    if not found:
+        os.makedirs(out, exist_ok=True)
+        return
+    if not any(n in found for n in ("run_config.json", "metrics.json")):
+        raise ZOError(f"--output-dir {out} holds {', '.join(found)} but no zokernels run (no run_config.json or "
+                      "metrics.json); choose a new or empty --output-dir")
+    for path in filter(None, inputs):
+        inside = [n for n in found if _is_within(path, os.path.join(out, n))]
+        if inside:
+            raise ZOError(f"{path} (an input of this run) lies in the earlier run's {inside[0]} in --output-dir "
+                          f"{out}; write this run to another --output-dir")
+    if not overwrite:
         raise ZOError(f"--output-dir {out} holds an earlier run ({', '.join(found)}); pass --overwrite to replace "
                       "it, or choose another --output-dir")
     for name in found:
         path = os.path.join(out, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
+
+
+def _is_within(path: str, parent: str) -> bool:
+    path, parent = os.path.realpath(path), os.path.realpath(parent)
+    return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
 def parse_verbalizer(spec: str | None, labels: Sequence[str]) -> dict[str, str]:
@@ -445,7 +463,7 @@ def run(cfg: dict) -> dict:
 
     t_start = time.time()
     out = cfg["output_dir"]
-    prepare_output_dir(out, cfg.get("overwrite", False))
+    prepare_output_dir(out, cfg.get("overwrite", False), inputs=(cfg.get("model"), cfg.get("data")))
     say = print
 
     def bar(desc: str) -> str | None:  # evaluation progress bars (a CPU zero-shot pass takes minutes)

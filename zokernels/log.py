@@ -172,10 +172,17 @@ def new_header(*, config: StepConfig, groups: list[dict], keys: dict[str, int], 
     }
 
 
-def resolved_backends(tensors: Iterable[torch.Tensor], backend: str) -> dict[str, str]:
-    """{device type: the backend `backend` resolves to there} for the devices of `tensors`."""
-    devices = {t.device.type: t.device for t in tensors}
-    return {kind: ops.select_backend(dev, backend).NAME for kind, dev in sorted(devices.items())}
+def resolved_backends(params: ParamTable, backend: str) -> dict[str, str]:
+    """{device type: the backend `backend` resolves to there} for the devices of the dense tensors, and
+    {"<device type> masked": ...} for the masked ones (the masked ops may fall back to another backend)."""
+    masks = params.masks or [None] * len(params.tensors)
+    out = {}
+    for t, m in zip(params.tensors, masks):
+        kind = t.device.type if m is None else f"{t.device.type} masked"
+        if kind not in out:
+            mod = ops.select_backend(t.device, backend) if m is None else ops._masked_backend(t.device, backend)
+            out[kind] = mod.NAME
+    return dict(sorted(out.items()))
 
 
 # ----------------------------------------------------------------------------- replay
@@ -235,7 +242,7 @@ def replay(model_or_named_params, log_or_path: FineTuneLog | str | os.PathLike, 
     params = check_log(log, _named(model_or_named_params))
     _attach_masks(log, params, masks)
     trained = log.header.get("backends")
-    now = resolved_backends(params.tensors, backend)
+    now = resolved_backends(params, backend)
     if trained is not None and trained != now:
         warnings.warn(f"replay: training ran the ops with backend {trained}, this replay with {now}: the weights "
                       "will match to float32 rounding (~1e-7 relative), not bitwise; replay on the training "

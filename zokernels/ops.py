@@ -117,7 +117,7 @@ def _update_args(tensors, seed, coeffs, lr, weight_decay, dist, rounding, sr_str
                  restore_query) -> tuple[UpdateSpec, list[float], list[float]]:
     """Validate zo_update_-like arguments: (UpdateSpec, per-tensor lrs, per-tensor weight decays)."""
     C.check_u64(seed, "seed")
-    if isinstance(coeffs, (numbers.Number, torch.Tensor)) and not (isinstance(coeffs, torch.Tensor) and coeffs.ndim):
+    if isinstance(coeffs, numbers.Number) or getattr(coeffs, "ndim", None) == 0:  # a number, 0-d tensor / array
         raise OpError(f"coeffs must be a sequence of numbers, one per query (e.g. [g]), got {coeffs!r}")
     coeffs = tuple(_f32(c, "coeff") for c in coeffs)
     if len(coeffs) > C.MAX_QUERIES:
@@ -298,12 +298,12 @@ def _masked_backend(device: torch.device, backend: str):
     without them (a CUDA module built before the masked kernels existed) falls back to the 'auto'
     choice among those that have them — deterministically, so replay with the same request and the
     same build reproduces training."""
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
-    if backend != "auto":
-        mod = registry.require(backend, device)
-        if all(hasattr(mod, op) for op in MASKED_OPS):
-            return mod
+    forced = backend == "auto" and (os.environ.get(BACKEND_ENV) or "auto") != "auto"
+    if backend == "auto" and not forced:
+        return registry.auto(device, needs=MASKED_OPS)
+    mod = select_backend(device, backend)  # a forced backend's errors name $ZOKERNELS_BACKEND
+    if all(hasattr(mod, op) for op in MASKED_OPS):
+        return mod
     return registry.auto(device, needs=MASKED_OPS)
 
 

@@ -42,21 +42,23 @@ from torch import nn
 from transformers import Trainer
 
 from ..optim import ZOSGD
-from ..optim.common import eval_mode
+from ..optim.common import eval_mode, user_stacklevel
 from ..optim.quzo import QuZO
 from ..quant.linear import quant_layers
 
 SUPPORTED_TRANSFORMERS = ">=5.17,<5.24"  # the releases the tests ran on (ZOTrainer overrides Trainer internals)
 
 
-def _warn_if_untested_transformers() -> None:
-    import transformers
+def _warn_if_untested_transformers(version: str | None = None) -> None:
     from packaging.specifiers import SpecifierSet
 
-    if transformers.__version__ not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
-        warnings.warn(f"zokernels.hf was tested with transformers {SUPPORTED_TRANSFORMERS}, this is "
-                      f"{transformers.__version__}: ZOTrainer overrides Trainer.training_step and create_optimizer, "
-                      "whose signatures change between releases", stacklevel=3)
+    if version is None:
+        import transformers
+        version = transformers.__version__
+    if version not in SpecifierSet(SUPPORTED_TRANSFORMERS, prereleases=True):
+        warnings.warn(f"zokernels.hf was tested with transformers {SUPPORTED_TRANSFORMERS}, this is {version}: "
+                      "ZOTrainer overrides Trainer.training_step and create_optimizer, whose signatures change "
+                      "between releases", stacklevel=user_stacklevel())
 
 
 _warn_if_untested_transformers()

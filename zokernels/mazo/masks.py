@@ -318,7 +318,8 @@ def resolve_masks(masks, names: list[str], tensors: list[torch.Tensor]) -> list[
         else:
             i = by_name.get(k, by_name.get(C.canonical_name(str(k))))
         if i is None:
-            raise ValueError(f"mask {k if isinstance(k, str) else tuple(k.shape)} matches no trained parameter")
+            raise ValueError(f"mask {k if isinstance(k, str) else tuple(k.shape)} matches no trained parameter "
+                             "(frozen parameters, requires_grad=False, are not trained)")
         t = tensors[i]
         if tuple(t.shape) != m.shape:
             raise ValueError(f"mask for {names[i]} has shape {m.shape}, the parameter {tuple(t.shape)}")

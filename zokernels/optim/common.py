@@ -29,9 +29,11 @@ _INTERNAL_DIRS = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + 
 
 def user_stacklevel() -> int:
     """The `stacklevel` that makes a warning raised by the caller of this function point at the user's code:
-    the first frame outside zokernels and torch.optim (whose step wrapper sits between step() and the user)."""
+    the first frame outside zokernels, torch.optim (whose step wrapper sits between step() and the user) and
+    the import machinery (a warning raised while a zokernels module is imported points at the import)."""
     frame, level = sys._getframe(1), 1
-    while frame is not None and os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS):
+    while frame is not None and (frame.f_code.co_filename.startswith("<frozen importlib")
+                                 or os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS)):
         frame, level = frame.f_back, level + 1
     return level
 

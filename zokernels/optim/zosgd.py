@@ -158,6 +158,8 @@ class ZOSGD(torch.optim.Optimizer):
             if any(self._table.masks[i] is not None for i in self._table.sharded):
                 raise ValueError("masks on sharded (DTensor) parameters are not supported")
         self._prober = Prober(self._table, self.config, backend, model, probe) if probe != "inplace" else None
+        # what each device's ops run with: replay warns when it resolves to another backend (not bitwise then)
+        self._backends = resolved_backends(self._table, backend)
         self._verified = False
         self._step = 0
         header_groups = [{"names": list(n), "lr": float(g["lr"]), "weight_decay": float(g["weight_decay"])}
@@ -166,8 +168,7 @@ class ZOSGD(torch.optim.Optimizer):
                                           base_seed=self.base_seed,
                                           fingerprint=base_fingerprint(
                                               zip(flat_names, distributed.full_tensors(tensors)))))
-        # what each device's ops ran with: replay warns when it resolves to another backend (not bitwise then)
-        self.log.header["backends"] = resolved_backends(self._table.tensors, backend)
+        self.log.header["backends"] = dict(self._backends)
         if self._table.masks is not None:  # replay refuses other masks
             self.log.header["masks"] = masks_fingerprint((n, m) for n, m in zip(flat_names, self._table.masks)
                                                          if m is not None)
@@ -227,6 +228,11 @@ class ZOSGD(torch.optim.Optimizer):
         self.base_seed = int(extra["base_seed"])
         self._step = int(extra["step"])
         self.log = log
+        before = log.header.get("backends")
+        if before is not None and before != self._backends:
+            warnings.warn(f"ZOSGD: the saved steps ran the ops with backend {before}, the steps from here run with "
+                          f"{self._backends}: a replay of this log cannot be bitwise", stacklevel=user_stacklevel())
+            log.header["backends"] = {"mixed": f"{before} then {self._backends}"}
         if self._prober is not None and self.config.probe == "hooks":
             index = {n: i for i, n in enumerate(self._names)}
             self._prober.whole |= {index[n] for n in extra["whole_forward_swap"]}
@@ -401,9 +407,11 @@ FLOAT32_MAX = 3.4028234663852886e38  # the kernels take lr, weight decay and eps
 
 
 def _as_float(v) -> float:
-    """A Python number, numpy scalar or one-element tensor as a float (TypeError for anything else)."""
+    """A Python number, numpy scalar, or one-element tensor / numpy array as a float (TypeError otherwise)."""
     if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
         return float(v.item())
+    if type(v).__name__ == "ndarray" and getattr(v, "size", 0) == 1:
+        v = v.item()
     if isinstance(v, bool) or not isinstance(v, numbers.Real):
         raise TypeError(type(v).__name__)
     return float(v)
