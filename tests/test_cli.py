@@ -189,6 +189,60 @@ def test_end_to_end_tiny_model_with_fo_baseline_and_rebuild(capsys, tmp_path):
     assert moved > 0
 
 
+def test_resume_after_an_interruption_equals_an_uninterrupted_run(capsys, tmp_path, monkeypatch):
+    """A run killed after its step-2 checkpoint, resumed with --resume, ends with the uninterrupted run's log
+    (seeds, projected gradients) and weights, bitwise; --resume refuses changed options and a missing run."""
+    from transformers import TrainerCallback
+
+    from zokernels import cli
+    from zokernels.log import FineTuneLog
+
+    model_dir = tiny_model_dir(tmp_path / "model")
+    data = tiny_csv(tmp_path / "d.csv")
+    argv = ["--model", model_dir, "--data", data, "--text-column", "review", "--template", "Text : {text} Sentiment :",
+            "--verbalizer", "pos= good,neg= bad", "--train-examples", "16", "--dev-examples", "8", "--test-examples",
+            "8", "--max-steps", "5", "--batch-size", "4", "--eval-every", "0", "--lr", "1e-2", "--device", "cpu",
+            "--save-steps", "2", "--no-progress"]
+    code, _, err = run_cli(capsys, argv + ["--output-dir", str(tmp_path / "a")])
+    assert code == 0, err
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    real = cli.make_progress_callback
+    monkeypatch.setattr(cli, "make_progress_callback", lambda *a: Crash())
+    with pytest.raises(KeyboardInterrupt):
+        cli.main(argv + ["--output-dir", str(tmp_path / "b")])
+    monkeypatch.setattr(cli, "make_progress_callback", real)
+    assert sorted(os.listdir(tmp_path / "b" / "trainer")) == ["checkpoint-2"]
+    code, _, err = run_cli(capsys, argv + ["--output-dir", str(tmp_path / "b"), "--lr", "2e-2", "--resume"])
+    assert code == 2 and "options differ" in err and "lr 0.01 vs 0.02" in err, err
+    code, _, err = run_cli(capsys, argv + ["--output-dir", str(tmp_path / "c"), "--resume"])
+    assert code == 2 and "holds no run" in err, err
+    steps_run = []
+
+    class Count(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            steps_run.append(state.global_step)
+
+    monkeypatch.setattr(cli, "make_progress_callback", lambda *a: Count())
+    code, stdout, err = run_cli(capsys, argv + ["--output-dir", str(tmp_path / "b"), "--resume"])
+    assert code == 0 and "resuming from" in stdout and "checkpoint-2" in stdout, err
+    assert steps_run == [3, 4, 5]   # continued, not restarted
+    a, b = (FineTuneLog.load(tmp_path / d / "finetune_log.npz") for d in ("a", "b"))
+    assert len(a.steps) == len(b.steps) == 5
+    assert [(r.seed, r.grads) for r in a.steps] == [(r.seed, r.grads) for r in b.steps]
+    wa, wb = (_weights(tmp_path / d / "model") for d in ("a", "b"))
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def _weights(model_dir) -> dict:
+    from safetensors.torch import load_file
+    return load_file(str(model_dir / "model.safetensors"))
+
+
 def test_save_model_no_prints_replay_command(capsys, tmp_path):
     model_dir = tiny_model_dir(tmp_path / "model")
     data = tiny_csv(tmp_path / "d.csv")

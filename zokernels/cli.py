@@ -33,12 +33,12 @@ CPU_DEFAULTS = dict(tune="final-norm", dtype="float32", lr=0.2, lr_scheduler="li
                     batch_size=16,
                     n_queries=1, train_examples=320, dev_examples=500, test_examples=1000,
                     eval_examples=400, dev_eval_examples=100, eval_every=100, max_text_tokens=48, eval_batch_size=32,
-                    probe="swap", logging_steps=10, fo_lr=1e-2)
+                    probe="swap", logging_steps=10, fo_lr=1e-2, save_steps=0)
 # GPU: MeZO (Malladi et al. 2023) full-parameter schedule: 20k steps, batch 16, eps 1e-3, lr 1e-6, bf16.
 GPU_DEFAULTS = dict(tune="all", dtype="bfloat16", lr=1e-6, lr_scheduler="constant", eps=1e-3, max_steps=20000, batch_size=16,
                     n_queries=1, train_examples=1000, dev_examples=500, test_examples=1000,
                     eval_examples=0, dev_eval_examples=0, eval_every=1000, max_text_tokens=64, eval_batch_size=64,
-                    probe="auto", logging_steps=10, fo_lr=1e-5)
+                    probe="auto", logging_steps=10, fo_lr=1e-5, save_steps=1000)
 # QuZO on CPU (--quant with --tune all / last-layers): QuZO's reference-backend Philox dominates a step (the
 # last layer's down_proj, 885K int8 weights: ~15 s per step with the cached trunk on the shared 2-core machine
 # of the measured run), so the CPU schedule is short. lr 1e-3, eps 1e-3: |mu| ~ 1-2 on this task, an update
@@ -146,7 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--probe", choices=("auto", "hooks", "swap", "inplace"))
     t.add_argument("--eval-every", type=int, help="dev accuracy every N steps (0: never)")
     t.add_argument("--eval-batch-size", type=int)
-    t.add_argument("--save-steps", type=int, default=0, help="Trainer checkpoint every N steps (0: none)")
+    t.add_argument("--save-steps", type=int, help="Trainer checkpoint every N steps, the latest one kept (0: none; "
+                   "default: CPU 0, GPU 1000); --resume continues from it")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--baseline", choices=("none", "fo"), default="none",
                    help="fo: also fine-tune the same parameters with first-order AdamW on the same data")
@@ -156,6 +157,9 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--output-dir", default="zo-finetune-out", help="where results go (default: %(default)s)")
     o.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output-dir (refused without it)")
+    o.add_argument("--resume", action="store_true",
+                   help="continue the interrupted run in --output-dir from its latest checkpoint (same options; "
+                        "--max-steps may grow); the zero-shot evaluation is repeated")
     o.add_argument("--save-model", choices=("yes", "no"), default="yes",
                    help="no: keep only the fine-tune log and print the command that rebuilds the model")
     o.add_argument("--smoke", action="store_true", help="2 steps, 8 eval examples: a quick end-to-end check")
@@ -185,7 +189,7 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         if value is not None:
             cfg[key] = value
     for key in ("model", "data", "text_column", "label_column", "labels", "verbalizer", "template", "encoding",
-                "lora_r", "lora_alpha", "objective", "grad_accum", "weight_decay", "save_steps",
+                "lora_r", "lora_alpha", "objective", "grad_accum", "weight_decay", "resume",
                 "seed", "baseline", "output_dir", "save_model", "cache_trunk", "tune_layers", "quant",
                 "quant_group_size", "float_zero_shot", "overwrite"):
         cfg[key] = getattr(args, key)
@@ -206,6 +210,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                       "norms or lora for a first-order baseline on the quantized base")
     if quzo and cfg["weight_decay"]:
         raise ZOError("--weight-decay: QuZO (--quant with --tune all / last-layers) has no weight decay")
+    if args.resume and args.overwrite:
+        parser.error("--resume continues the run in --output-dir, --overwrite replaces it: pick one")
     if args.eval_examples and args.dev_eval_examples is None:  # "--eval-examples 8": a quick run, dev too
         cfg["dev_eval_examples"] = min(cfg["dev_eval_examples"] or args.eval_examples, args.eval_examples)
     cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
@@ -268,6 +274,33 @@ def prepare_output_dir(out: str, overwrite: bool, inputs: Sequence[str | None] =
         path = os.path.join(out, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
     os.makedirs(out, exist_ok=True)
+
+
+# run_config.json keys that may differ between a run and its --resume (everything else must match)
+RESUME_MAY_DIFFER = ("max_steps", "overwrite", "resume", "no_progress", "save_model", "baseline", "fo_lr",
+                     "float_zero_shot", "eval_every", "eval_examples", "dev_eval_examples", "eval_batch_size")
+
+
+def check_resumable(out: str, cfg: dict) -> str:
+    """The checkpoint --resume continues from: the latest trainer/checkpoint-N of the run in `out`, whose
+    run_config.json must agree with `cfg` except RESUME_MAY_DIFFER."""
+    path = os.path.join(out, "run_config.json")
+    if not os.path.isfile(path):
+        raise ZOError(f"--resume: {out} holds no run (no run_config.json)")
+    with open(path) as fh:
+        saved = json.load(fh)
+    diff = {k: (saved.get(k), cfg.get(k)) for k in set(saved) | set(cfg)
+            if k not in RESUME_MAY_DIFFER and saved.get(k) != cfg.get(k)}
+    if diff:
+        raise ZOError("--resume: options differ from the interrupted run's (saved, now): "
+                      + ", ".join(f"{k} {v[0]!r} vs {v[1]!r}" for k, v in sorted(diff.items())))
+    trainer_dir = os.path.join(out, "trainer")
+    steps = sorted(int(n.split("-")[1]) for n in (os.listdir(trainer_dir) if os.path.isdir(trainer_dir) else [])
+                   if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
+    if not steps:
+        raise ZOError(f"--resume: no checkpoint in {trainer_dir} (the run had --save-steps 0, or stopped before its "
+                      "first checkpoint)")
+    return os.path.join(trainer_dir, f"checkpoint-{steps[-1]}")
 
 
 def _is_within(path: str, parent: str) -> bool:
@@ -428,6 +461,7 @@ def _training_args(cfg: dict, output_dir: str, lr: float, eval_on: bool):
                   data_seed=cfg["seed"], remove_unused_columns=False, disable_tqdm=True,
                   eval_strategy="steps" if eval_every else "no", eval_steps=eval_every or None,
                   save_strategy="steps" if cfg["save_steps"] else "no", save_steps=cfg["save_steps"] or 500,
+                  save_total_limit=1,
                   use_cpu=cfg["device"] == "cpu", dataloader_num_workers=0)
     if cfg["device"] == "cuda" and not torch.cuda.is_available():  # pragma: no cover
         raise ZOError("no CUDA device")
@@ -463,8 +497,12 @@ def run(cfg: dict) -> dict:
 
     t_start = time.time()
     out = cfg["output_dir"]
-    prepare_output_dir(out, cfg.get("overwrite", False), inputs=(cfg.get("model"), cfg.get("data")))
+    resume_from = check_resumable(out, cfg) if cfg.get("resume") else None
+    if resume_from is None:
+        prepare_output_dir(out, cfg.get("overwrite", False), inputs=(cfg.get("model"), cfg.get("data")))
     say = print
+    if resume_from is not None:
+        say(f"resuming from {resume_from}")
 
     def bar(desc: str) -> str | None:  # evaluation progress bars (a CPU zero-shot pass takes minutes)
         return None if cfg.get("no_progress") else desc
@@ -544,7 +582,7 @@ def run(cfg: dict) -> dict:
                         zo_method="zosgd" if quzo_layers is None else "quzo", zo_quant_layers=quzo_layers)
     _swap_progress(trainer, make_progress_callback(cfg["device"], "ZO fine-tune", not cfg.get("no_progress")))
     t0 = time.time()
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume_from)
     t_train = time.time() - t0
     zo = trainer.zo_optimizer
 
