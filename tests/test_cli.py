@@ -230,7 +230,10 @@ def test_resume_after_an_interruption_equals_an_uninterrupted_run(capsys, tmp_pa
     monkeypatch.setattr(cli, "make_progress_callback", lambda *a: Count())
     code, stdout, err = run_cli(capsys, argv + ["--output-dir", str(tmp_path / "b"), "--resume"])
     assert code == 0 and "resuming from" in stdout and "checkpoint-2" in stdout, err
+    assert "zero-shot results of the interrupted run reused" in stdout
     assert steps_run == [3, 4, 5]   # continued, not restarted
+    ma, mb = (json.loads((tmp_path / d / "metrics.json").read_text()) for d in ("a", "b"))
+    assert ma["zero_shot"] == mb["zero_shot"] and ma["zo"]["test_accuracy"] == mb["zo"]["test_accuracy"]
     a, b = (FineTuneLog.load(tmp_path / d / "finetune_log.npz") for d in ("a", "b"))
     assert len(a.steps) == len(b.steps) == 5
     assert [(r.seed, r.grads) for r in a.steps] == [(r.seed, r.grads) for r in b.steps]

@@ -60,7 +60,8 @@ TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
 RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", "finetune_log.npz", "quzo_log.json",
-               "model", "trainer", "trainer_fo")
+               "model", "trainer", "trainer_fo", "zero_shot.json")
+ZERO_SHOT_FILE = "zero_shot.json"  # the zero-shot results, reused by --resume
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -159,7 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace the results of an earlier run in --output-dir (refused without it)")
     o.add_argument("--resume", action="store_true",
                    help="continue the interrupted run in --output-dir from its latest checkpoint (same options; "
-                        "--max-steps may grow); the zero-shot evaluation is repeated")
+                        "--max-steps may grow; the zero-shot results are reused)")
     o.add_argument("--save-model", choices=("yes", "no"), default="yes",
                    help="no: keep only the fine-tune log and print the command that rebuilds the model")
     o.add_argument("--smoke", action="store_true", help="2 steps, 8 eval examples: a quick end-to-end check")
@@ -301,6 +302,16 @@ def check_resumable(out: str, cfg: dict) -> str:
         raise ZOError(f"--resume: no checkpoint in {trainer_dir} (the run had --save-steps 0, or stopped before its "
                       "first checkpoint)")
     return os.path.join(trainer_dir, f"checkpoint-{steps[-1]}")
+
+
+def _load_zero_shot(out: str, n_test: int) -> dict | None:
+    """The zero-shot results an interrupted run saved (None if absent or not for this test split)."""
+    try:
+        with open(os.path.join(out, ZERO_SHOT_FILE)) as fh:
+            saved = json.load(fh)
+    except (OSError, ValueError):
+        return None
+    return saved if len(saved.get("test_correct", ())) == n_test else None
 
 
 def _is_within(path: str, parent: str) -> bool:
@@ -522,7 +533,10 @@ def run(cfg: dict) -> dict:
     ebs = cfg["eval_batch_size"]
     quant, tune = cfg.get("quant", "none"), cfg["tune"]
     zs_float = None
-    if quant != "none" and cfg.get("float_zero_shot", "yes") == "yes":
+    cached = _load_zero_shot(out, len(splits["test"])) if resume_from is not None else None
+    if cached is not None:
+        zs_float = cached.get("float_test")
+    elif quant != "none" and cfg.get("float_zero_shot", "yes") == "yes":
         t0 = time.time()
         zs_float = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("zero-shot (float), test"))[0]
         say(f"zero-shot of the float model (before --quant {quant}): test accuracy {zs_float:.4f} "
@@ -564,9 +578,16 @@ def run(cfg: dict) -> dict:
         json.dump(run_config, fh, indent=1)
 
     t0 = time.time()
-    zs_test, zs_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("zero-shot, test"))
-    zs_dev = evaluate_accuracy(model, collator, splits["dev"], ebs, progress=bar("zero-shot, dev"))[0] \
-        if splits["dev"] else None
+    if cached is not None:
+        zs_test, zs_test_correct, zs_dev = cached["test"], cached["test_correct"], cached["dev"]
+        say(f"zero-shot results of the interrupted run reused ({ZERO_SHOT_FILE})")
+    else:
+        zs_test, zs_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs,
+                                                     progress=bar("zero-shot, test"))
+        zs_dev = evaluate_accuracy(model, collator, splits["dev"], ebs, progress=bar("zero-shot, dev"))[0] \
+            if splits["dev"] else None
+        with open(os.path.join(out, ZERO_SHOT_FILE), "w") as fh:
+            json.dump({"test": zs_test, "test_correct": zs_test_correct, "dev": zs_dev, "float_test": zs_float}, fh)
     t_zero_shot = time.time() - t0
     say(f"zero-shot{f' ({quant} model)' if quant != 'none' else ''}: test accuracy {zs_test:.4f}"
         + (f", dev {zs_dev:.4f}" if zs_dev is not None else "") + f" ({t_zero_shot:.1f}s)")
