@@ -98,6 +98,32 @@ def test_masks_save_load_and_fingerprint(tmp_path):
     assert mazo.masks_fingerprint(other.items()) != mazo.masks_fingerprint(mazo.build_masks(scores, 0.2).items())
 
 
+def test_mask_ids_are_checked_where_masks_are_made_and_loaded(tmp_path):
+    """The kernels index with the ids unchecked: a hand-built or tampered mask with an id out of range, a
+    repeated or a descending id is refused at construction (so at load_masks too), never written through."""
+    def rows(ids):
+        return ParamMask("rows", (4, 8), torch.tensor(ids, dtype=torch.int16))
+    good = [[0, 7], [1, 2], [3, 4], [5, 6]]
+    assert rows(good).count == 8
+    for bad in ([[-1, 1]] + good[1:], good[:3] + [[0, 8]], [[2, 2]] + good[1:], [[3, 1]] + good[1:]):
+        with pytest.raises(ValueError, match="ascend strictly within each row and lie in"):
+            rows(bad)
+    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+        ParamMask("blocks", (4, 40), torch.tensor([[0, 3]] * 4, dtype=torch.int16), 16)
+    with pytest.raises(ValueError, match="block must be an int"):
+        ParamMask("blocks", (4, 40), torch.tensor([[0, 2]] * 4, dtype=torch.int16), 16.5)
+    from safetensors.torch import load_file, save_file
+    from safetensors import safe_open
+    mazo.save_masks({"w": rows(good)}, tmp_path / "m.safetensors")
+    with safe_open(str(tmp_path / "m.safetensors"), framework="pt") as f:
+        meta = f.metadata()
+    tampered = load_file(str(tmp_path / "m.safetensors"))
+    tampered["w"][0, 1] = 100
+    save_file(tampered, str(tmp_path / "t.safetensors"), metadata=meta)
+    with pytest.raises(ValueError, match=r"lie in \[0, 8\); got ids in \[0, 100\]"):
+        mazo.load_masks(tmp_path / "t.safetensors")
+
+
 # ----------------------------------------------------------------------------- masked ops, reference
 @pytest.mark.parametrize("rule", RULES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -281,3 +281,21 @@ def test_quantize_model_int8_fp8_bytes():
         rep = quant.quantize_model(model, fmt, exclude=())
         assert rep.bytes_after == 24 * 48 * elt + 24 * 4 + 24 * 4
         assert model[0].qweight.dtype == (torch.int8 if fmt == "int8" else torch.float8_e4m3fn)
+
+
+def test_exclude_given_as_one_name_is_that_name():
+    """exclude="lm_head" means the module lm_head, not the characters of the string (it used to quantize
+    lm_head, breaking a tie to the embeddings)."""
+    model = torch.nn.ModuleDict({"body": torch.nn.Linear(32, 32), "lm_head": torch.nn.Linear(32, 16)})
+    quant.quantize_model(model, "int8", exclude="lm_head")
+    assert isinstance(model["body"], quant.QuantLinear) and type(model["lm_head"]) is torch.nn.Linear
+
+
+def test_non_finite_weights_are_refused_not_quantized_to_garbage():
+    w = torch.randn(4, 64)
+    for bad in (float("nan"), float("inf")):
+        w2 = w.clone()
+        w2[1, 3] = bad
+        for fmt in F.FORMATS:
+            with pytest.raises(ValueError, match="1 NaN/inf elements"):
+                F.quantize_weight(w2, fmt, group_size=32)

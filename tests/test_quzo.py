@@ -104,6 +104,42 @@ def test_replay_rebuilds_weights_bitwise():
     assert all(torch.equal(a, b) for a, b in zip(_qstate(model), _qstate(base)))
 
 
+def test_replay_refuses_a_foreign_base_and_old_contracts():
+    """replay_quzo checks the quantized base (format, bits, scales) against the log's fingerprint and the
+    contract version: a trained model or another format is refused, not silently replayed onto."""
+    from zokernels.log import LogMismatch
+    model, _, closure = _tiny_llama("int8")
+    opt = QuZO(model, lr=1e-2, eps=1e-2, seed=5)
+    for _ in range(2):
+        opt.step(closure)
+    with pytest.raises(LogMismatch, match="not the quantized base"):
+        replay_quzo(model, opt.log)                    # already fine-tuned
+    with pytest.raises(LogMismatch, match="not the quantized base"):
+        replay_quzo(_tiny_llama("fp8")[0], opt.log)    # another format
+    import dataclasses
+    with pytest.raises(LogMismatch, match="contract v0"):
+        replay_quzo(_tiny_llama("int8")[0], dataclasses.replace(opt.log, contract_version=0))
+    base = _tiny_llama("int8")[0]
+    replay_quzo(base, opt.log)
+    assert all(torch.equal(a, b) for a, b in zip(_qstate(model), _qstate(base)))
+
+
+def test_lr_is_checked_at_every_step_and_multi_process_is_refused(monkeypatch):
+    import numpy as np
+    from zokernels import distributed
+    model, _, closure = _tiny_llama("int8")
+    opt = QuZO(model, lr=np.float32(1e-2), eps=1e-2, seed=5)
+    before = _qstate(model)
+    for bad in (float("nan"), -1.0):
+        opt.param_groups[0]["lr"] = bad
+        with pytest.raises(ValueError, match="lr must be a finite number >= 0"):
+            opt.step(closure)
+    assert all(torch.equal(a, b) for a, b in zip(before, _qstate(model))) and not opt.log.steps
+    monkeypatch.setattr(distributed, "resolve_group", lambda group=None: object())
+    with pytest.raises(NotImplementedError, match="no multi-process support"):
+        QuZO(_tiny_llama("int8")[0], lr=1e-2, eps=1e-2)
+
+
 def test_update_forms_unbiased_and_single_has_less_variance():
     """At fixed z and mu, over redraws of the roundings: both forms have mean lr mu z / s; their variances
     are equal while the step stays within one grid cell (any unbiased {k, k+1}-valued step has variance

@@ -166,7 +166,8 @@ def load_quzo_log(path: str | os.PathLike):
     if data.get("format") != "zokernels.quzo_log":
         raise ZOError(f"{path} is not a QuZO log written by save_quzo_log")
     steps = [QuZORecord(**{**r, "grads": tuple(r["grads"]), "lr": tuple(r["lr"])}) for r in data["steps"]]
-    return QuZOLog(data["config"], int(data["base_seed"]), list(data["names"]), steps)
+    return QuZOLog(data["config"], int(data["base_seed"]), list(data["names"]), steps,
+                   contract_version=int(data.get("contract_version", 1)), base_fingerprint=data.get("base_fingerprint"))
 
 
 def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None):

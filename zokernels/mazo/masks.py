@@ -46,6 +46,19 @@ def index_dtype(ncols: int) -> torch.dtype:
     return torch.int16 if ncols < 32768 else torch.int32
 
 
+def _check_ascending_ids(idx: torch.Tensor, limit: int, kind: str) -> None:
+    """Every row of ids strictly ascending within [0, limit): the kernels index with them unchecked, so an id
+    out of range would write outside the row (or the tensor) and a repeated one would move an element twice."""
+    if idx.numel() == 0:
+        return
+    lo, hi = int(idx[:, 0].min()), int(idx[:, -1].max())
+    ascending = idx.shape[1] < 2 or bool((idx[:, 1:].to(torch.int32) > idx[:, :-1].to(torch.int32)).all())
+    if lo < 0 or hi >= limit or not ascending:
+        what = "column" if kind == "rows" else "block"
+        raise ValueError(f"a {kind} mask's {what} ids must ascend strictly within each row and lie in [0, {limit}); "
+                         f"got ids in [{lo}, {hi}]" + ("" if ascending else " with a repeated or descending id"))
+
+
 @dataclass(frozen=True, eq=False)
 class ParamMask:
     """The mask of one parameter (see the module docstring for the formats)."""
@@ -69,10 +82,13 @@ class ParamMask:
             if idx.dtype not in (torch.int16, torch.int32) or idx.ndim != 2 or idx.shape[0] != rows:
                 raise ValueError(f"a {self.kind} mask needs an int16/int32 index [rows={rows}, k], got "
                                  f"{idx.dtype} {tuple(idx.shape)}")
+            if isinstance(self.block, bool) or not isinstance(self.block, int):
+                raise ValueError(f"block must be an int, got {self.block!r}")
             if self.kind == "blocks" and self.block < MIN_BLOCK:
                 raise ValueError(f"block masks need block >= {MIN_BLOCK} columns, got {self.block}")
             if self.kind == "rows" and self.block != 1:
                 raise ValueError("a rows mask has block 1")
+            _check_ascending_ids(idx, ncols if self.kind == "rows" else -(-ncols // self.block), self.kind)
         if not idx.is_contiguous():
             object.__setattr__(self, "index", idx.contiguous())
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import math
 import numbers
 import os
 import sys
@@ -36,6 +37,29 @@ def user_stacklevel() -> int:
                                  or os.path.abspath(frame.f_code.co_filename).startswith(_INTERNAL_DIRS)):
         frame, level = frame.f_back, level + 1
     return level
+
+
+FLOAT32_MAX = 3.4028234663852886e38  # the kernels take lr, weight decay and eps as float32
+
+
+def as_float(v) -> float:
+    """A Python number, numpy scalar, or one-element tensor / numpy array as a float (TypeError otherwise)."""
+    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
+        return float(v.item())
+    if type(v).__name__ == "ndarray" and getattr(v, "size", 0) == 1:
+        v = v.item()
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        raise TypeError(type(v).__name__)
+    return float(v)
+
+
+def check_number(v, what: str, ok, rule: str) -> None:
+    try:
+        x = as_float(v)
+    except TypeError:
+        raise ValueError(f"{what} must be a finite number {rule}, got {v!r} (a {type(v).__name__})") from None
+    if not (math.isfinite(x) and abs(x) <= FLOAT32_MAX and ok(x)):
+        raise ValueError(f"{what} must be a finite number {rule} (and within float32 range), got {v!r}")
 
 
 @contextlib.contextmanager

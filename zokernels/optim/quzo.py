@@ -24,9 +24,11 @@ from typing import Callable
 import torch
 
 from .. import contract as C
+from .. import distributed
+from ..log import LogMismatch, base_fingerprint
 from ..quant import ops as QO
 from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
-from .common import eval_mode, scalar_loss, user_stacklevel
+from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
 from .zosgd import NonFiniteLoss
 
 PROBES = ("fused", "inplace")
@@ -62,6 +64,17 @@ class QuZOLog:
     base_seed: int
     names: list[str]
     steps: list[QuZORecord] = field(default_factory=list)
+    contract_version: int = C.CONTRACT_VERSION
+    base_fingerprint: dict | None = None   # of the quantized weights and scales training started from
+
+
+def quantized_fingerprint(names: list[str], layers: list[QuantLinear]) -> dict:
+    """base_fingerprint of each layer's format, quantized weight bits and scales (replay_quzo checks it)."""
+    named = []
+    for n, m in zip(names, layers):
+        named.append((f"{n}.qweight.{m.fmt}", m.qweight.detach().view(torch.uint8).to(torch.int32)))
+        named.append((f"{n}.scale", m.scale))
+    return base_fingerprint(named)
 
 
 class QuZO(torch.optim.Optimizer):
@@ -97,11 +110,12 @@ class QuZO(torch.optim.Optimizer):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("QuZO takes the model (an nn.Module holding QuantLinear layers, or one to quantize "
                             "with fmt=...)")
-        for v, what in ((lr, "lr"), (eps, "eps")):
-            if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"{what} must be a finite number >= 0, got {v!r}")
-        if eps <= 0:
-            raise ValueError(f"eps must be > 0, got {eps}")
+        check_number(lr, "lr", lambda v: v >= 0, ">= 0")
+        check_number(eps, "eps", lambda v: v > 0, "> 0")
+        if distributed.resolve_group(None) is not None:
+            raise NotImplementedError("QuZO has no multi-process support (no seed broadcast, no loss all-reduce: "
+                                      "the replicas would diverge); run it in one process, or train float "
+                                      "parameters on the quantized base with ZOSGD (ZOTrainer zo_method='zosgd')")
         if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= C.MAX_QUERIES:
             raise ValueError(f"n_queries must be an int in [1, {C.MAX_QUERIES}], got {n_queries!r}")
         if update not in QO.UPDATE_FORMS:
@@ -142,7 +156,7 @@ class QuZO(torch.optim.Optimizer):
         keys = [m.key for m in self._layers]
         if len(set(keys)) != len(keys):
             raise ValueError("two QuantLinear layers share a contract key (same canonical name)")
-        self.config = QuZOConfig(eps=float(eps), n_queries=n_queries, update=update, probe=probe,
+        self.config = QuZOConfig(eps=as_float(eps), n_queries=n_queries, update=update, probe=probe,
                                  act_sr=bool(act_sr), dist=dist, fmt=",".join(sorted(fmts)))
         self._building = True
         super().__init__([{"params": [m.qweight for m in self._layers]}], dict(lr=lr))
@@ -159,7 +173,8 @@ class QuZO(torch.optim.Optimizer):
             cache_directions = all(d.type == "cpu" and QO.quant_backend(d, backend).NAME == "reference"
                                    for d in devices)
         self.cache_directions = bool(cache_directions)
-        self.log = QuZOLog(asdict(self.config), self.base_seed, list(self._names))
+        self.log = QuZOLog(asdict(self.config), self.base_seed, list(self._names),
+                           base_fingerprint=quantized_fingerprint(self._names, self._layers))
 
     def add_param_group(self, param_group: dict) -> None:
         if not getattr(self, "_building", False):
@@ -220,7 +235,9 @@ class QuZO(torch.optim.Optimizer):
             raise ValueError("QuZO.step needs a closure returning the loss (called 2 * n_queries times)")
         cfg = self.config
         seed = C.step_seed(self.base_seed, self._step)
-        lrs = tuple(float(g["lr"]) for g in self.param_groups)
+        for g in self.param_groups:  # a scheduler or the user may have changed it since the last step
+            check_number(g["lr"], "lr", lambda x: x >= 0, ">= 0")
+        lrs = tuple(as_float(g["lr"]) for g in self.param_groups)
         plus, minus, sat = [], [], 0
         cache = {} if self.cache_directions else None
         with torch.no_grad(), self._eval_mode():
@@ -253,7 +270,8 @@ class QuZO(torch.optim.Optimizer):
     def state_dict(self) -> dict:
         sd = super().state_dict()
         sd["quzo"] = {"base_seed": self.base_seed, "step": self._step, "config": asdict(self.config),
-                      "steps": [asdict(r) for r in self.log.steps]}
+                      "steps": [asdict(r) for r in self.log.steps],
+                      "base_fingerprint": self.log.base_fingerprint}
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -268,6 +286,8 @@ class QuZO(torch.optim.Optimizer):
         self._step = int(extra["step"])
         self.log.steps = [QuZORecord(**{**r, "grads": tuple(r["grads"]), "lr": tuple(r["lr"])})
                           for r in extra["steps"]]
+        # the base the run started from, not the (trained) weights this optimizer was built on
+        self.log.base_fingerprint = extra.get("base_fingerprint")
 
 
 def apply_record(layers: list[QuantLinear], record: QuZORecord, config: QuZOConfig,
@@ -300,8 +320,19 @@ def replay_quzo(model: torch.nn.Module, log: QuZOLog, backend: str = "auto") -> 
     layers = dict(quant_layers(model))
     missing = [n for n in log.names if n not in layers]
     if missing:
-        raise ValueError(f"layers of the log are not in the model: {missing[:5]}")
+        raise LogMismatch(f"layers of the log are not in the model: {missing[:5]}")
     mods = [layers[n] for n in log.names]
+    if int(log.contract_version) != C.CONTRACT_VERSION:
+        raise LogMismatch(f"the log was written under perturbation contract v{log.contract_version}; this "
+                          f"zokernels implements v{C.CONTRACT_VERSION}: its z differ, replay would be wrong")
+    if log.base_fingerprint is None:
+        warnings.warn("replay_quzo: the log has no base fingerprint (written before they were recorded): "
+                      "the model cannot be checked to be the base training started from", stacklevel=2)
+    elif quantized_fingerprint(log.names, mods)["digest"] != log.base_fingerprint["digest"]:
+        got = quantized_fingerprint(log.names, mods)["params"]
+        diff = [n for n, v in got.items() if log.base_fingerprint["params"].get(n) != v]
+        raise LogMismatch(f"this is not the quantized base the log started from: {len(diff)} tensors differ "
+                          f"(format, bits or scales), e.g. {diff[:4]}")
     for n, m in zip(log.names, mods):
         m.key = weight_key(C.canonical_name(n))
     config = QuZOConfig(**log.config)

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import math
-import numbers
 import os
 import warnings
 from dataclasses import asdict
@@ -16,7 +15,7 @@ from .. import ops
 from ..log import FineTuneLog, base_fingerprint, new_header, resolved_backends
 from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
-from .common import eval_mode, scalar_loss, user_stacklevel
+from .common import as_float as _as_float, check_number as _check_number, eval_mode, scalar_loss, user_stacklevel
 from .update import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
                      projected_grads)
@@ -403,29 +402,6 @@ class ZOSGD(torch.optim.Optimizer):
 
 
 # ---------------------------------------------------------------------- parameter collection
-FLOAT32_MAX = 3.4028234663852886e38  # the kernels take lr, weight decay and eps as float32
-
-
-def _as_float(v) -> float:
-    """A Python number, numpy scalar, or one-element tensor / numpy array as a float (TypeError otherwise)."""
-    if isinstance(v, torch.Tensor) and v.numel() == 1 and not v.is_complex() and v.dtype != torch.bool:
-        return float(v.item())
-    if type(v).__name__ == "ndarray" and getattr(v, "size", 0) == 1:
-        v = v.item()
-    if isinstance(v, bool) or not isinstance(v, numbers.Real):
-        raise TypeError(type(v).__name__)
-    return float(v)
-
-
-def _check_number(v, what: str, ok, rule: str) -> None:
-    try:
-        x = _as_float(v)
-    except TypeError:
-        raise ValueError(f"{what} must be a finite number {rule}, got {v!r} (a {type(v).__name__})") from None
-    if not (math.isfinite(x) and abs(x) <= FLOAT32_MAX and ok(x)):
-        raise ValueError(f"{what} must be a finite number {rule} (and within float32 range), got {v!r}")
-
-
 def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], list[list[str]]]:
     """Param groups of tensors for torch.optim.Optimizer, and each group's parameter names."""
     if isinstance(params, torch.nn.Module):

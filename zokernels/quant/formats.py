@@ -131,6 +131,10 @@ def quantize_weight(w: torch.Tensor, fmt: str, *, rounding: str = "nearest", see
         raise ValueError(f"quantize_weight takes a 2-d weight, got shape {tuple(w.shape)}")
     if fmt == "int4" and group_size not in GROUP_SIZES:
         raise ValueError(f"int4 group_size must be one of {GROUP_SIZES}, got {group_size}")
+    if not bool(torch.isfinite(w).all()):
+        bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(f"quantize_weight: the weight has {bad} NaN/inf elements; a row's scale would be "
+                         "inf or its values lost (fix the weights before quantizing)")
     n, k = w.shape
     group_size = group_size if fmt == "int4" else 0
     scale = compute_scale(w, fmt, group_size).contiguous()

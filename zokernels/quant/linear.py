@@ -187,6 +187,8 @@ class QuantReport:
 
 
 def _excluded(name: str, exclude) -> bool:
+    if isinstance(exclude, str):  # one name, not its characters
+        exclude = (exclude,)
     return any(name == e or name.endswith("." + e) for e in exclude)
 
 
