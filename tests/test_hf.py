@@ -444,10 +444,12 @@ def test_zotrainer_quzo_trains_the_named_quant_layers_only_and_replays(tmp_path)
     floats = snapshot(model)
     before = qsnapshot(model)
     names = [n for n in before if n.startswith("model.layers.1.")]
-    trainer = make_trainer(model, tmp_path, max_steps=4, learning_rate=0.5, zo_quant_layers=names)
+    trainer = make_trainer(model, tmp_path, max_steps=4, learning_rate=0.5, zo_quant_layers=names,
+                           zo_backend="reference")
     trainer.train()
     opt = trainer.zo_optimizer
     assert isinstance(opt, QuZO) and opt.log.names == names and len(opt.log.steps) == 4
+    assert opt.backend == "reference"   # zo_backend reaches QuZO too
     after = qsnapshot(model)
     changed = {n for n in before if not torch.equal(before[n], after[n])}
     assert changed == set(names)

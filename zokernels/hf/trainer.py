@@ -236,7 +236,8 @@ class ZOTrainer(ObjectiveMixin, Trainer):
             warnings.warn(f"ZOTrainer: QuZO trains only the quantized weights of {len(names)} QuantLinear layers; "
                           f"{floats:,} float parameters that require grad stay frozen (zo_method='zosgd' trains "
                           "them with ZOSGD on the frozen quantized base instead)", stacklevel=3)
-        kwargs = dict(probe="inplace" if self.zo_config["probe"] == "inplace" else "fused")
+        kwargs = dict(probe="inplace" if self.zo_config["probe"] == "inplace" else "fused",
+                      backend=self.zo_config["backend"])
         kwargs.update(self.zo_quzo)
         cfg = self.zo_config
         return TrainerQuZO(QuantSubset(model, names), lr=self.args.learning_rate, eps=cfg["eps"],
