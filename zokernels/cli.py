@@ -20,6 +20,7 @@ import time
 from typing import Sequence
 
 from .hf.errors import ZOError
+from .hf.tuning import QUZO_LOG_FILE, ZOSGD_LOG_FILE
 
 # CPU, 2 cores: a forward of this model costs ~0.24 s per example, so ZO over the whole model cannot
 # move in 15 minutes. The final RMSNorm weight (576 params) is a real lever (first-order Adam on it:
@@ -58,10 +59,10 @@ TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "lora": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
                  "last-layers": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
-# What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
-RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", "finetune_log.npz", "quzo_log.json",
-               "model", "trainer", "trainer_fo", "zero_shot.json")
 ZERO_SHOT_FILE = "zero_shot.json"  # the zero-shot results, reused by --resume
+# What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
+RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", ZOSGD_LOG_FILE, QUZO_LOG_FILE,
+               "model", "trainer", "trainer_fo", ZERO_SHOT_FILE)
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -295,13 +296,14 @@ def check_resumable(out: str, cfg: dict) -> str:
     if diff:
         raise ZOError("--resume: options differ from the interrupted run's (saved, now): "
                       + ", ".join(f"{k} {v[0]!r} vs {v[1]!r}" for k, v in sorted(diff.items())))
+    from transformers.trainer_utils import get_last_checkpoint
+
     trainer_dir = os.path.join(out, "trainer")
-    steps = sorted(int(n.split("-")[1]) for n in (os.listdir(trainer_dir) if os.path.isdir(trainer_dir) else [])
-                   if n.startswith("checkpoint-") and n.split("-")[1].isdigit())
-    if not steps:
+    last = get_last_checkpoint(trainer_dir) if os.path.isdir(trainer_dir) else None
+    if last is None:
         raise ZOError(f"--resume: no checkpoint in {trainer_dir} (the run had --save-steps 0, or stopped before its "
                       "first checkpoint)")
-    return os.path.join(trainer_dir, f"checkpoint-{steps[-1]}")
+    return last
 
 
 def _load_zero_shot(out: str, n_test: int) -> dict | None:
@@ -503,7 +505,7 @@ def run(cfg: dict) -> dict:
                              evaluate_accuracy)
     from .hf.stats import mcnemar
     from .hf.trainer import FOTrainer, ZOTrainer
-    from .hf.tuning import (QUZO_LOG_FILE, ZOSGD_LOG_FILE, last_layers, quantize_for_tuning, save_quzo_log,
+    from .hf.tuning import (last_layers, quantize_for_tuning, save_quzo_log,
                             select_trainable, trainable_count)
 
     t_start = time.time()

@@ -74,6 +74,14 @@ def base_fingerprint(named: Iterable[tuple[str, torch.Tensor]]) -> dict:
     return {"digest": h.hexdigest(), "params": entries}
 
 
+def fingerprint_diff(got: dict, want: dict) -> list[str]:
+    """The entries of base fingerprint `got` that differ from `want` ([] when the digests agree)."""
+    if got["digest"] == want["digest"]:
+        return []
+    names = sorted(set(got["params"]) | set(want["params"]))
+    return [n for n in names if got["params"].get(n) != want["params"].get(n)]
+
+
 # ----------------------------------------------------------------------------- the log
 class FineTuneLog:
     """header (dict, JSON-able) + steps (list of StepRecord: .seed, .grads, .lr, .wd, .skipped)."""
@@ -216,10 +224,8 @@ def check_log(log: FineTuneLog, named: list[tuple[str, torch.Tensor]]) -> ParamT
     missing = [n for n, k in keys.items() if k not in by_key]
     if missing:
         raise LogMismatch(f"{len(missing)} logged parameters are not in the given model, e.g. {missing[:5]}")
-    got = base_fingerprint((n, by_key[k]) for n, k in keys.items())
-    want = h["base_fingerprint"]
-    if got["digest"] != want["digest"]:
-        diff = [n for n, v in got["params"].items() if want["params"].get(n) != v]
+    diff = fingerprint_diff(base_fingerprint((n, by_key[k]) for n, k in keys.items()), h["base_fingerprint"])
+    if diff:
         raise LogMismatch(f"these are not the base weights the log started from: {len(diff)} parameters "
                           f"differ (shape, dtype or values), e.g. {diff[:5]}")
     tensors, tkeys, group_of = [], [], []

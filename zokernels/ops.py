@@ -145,12 +145,18 @@ def _check_outs(outs, tensors: list[torch.Tensor], what: str) -> list[torch.Tens
     return outs
 
 
+def _requested(backend: str) -> tuple[str, bool]:
+    """(the backend asked for, whether $ZOKERNELS_BACKEND chose it): the variable stands in for 'auto'."""
+    if backend != "auto":
+        return backend, False
+    env = os.environ.get(BACKEND_ENV) or "auto"
+    return env, env != "auto"
+
+
 def select_backend(device: torch.device, backend: str = "auto"):
     """The backend module for tensors on `device`: 'auto' tries cuda, triton, reference (in that
     order, first usable); $ZOKERNELS_BACKEND forces one when backend='auto'."""
-    forced = backend == "auto" and (os.environ.get(BACKEND_ENV) or "auto") != "auto"
-    if backend == "auto":
-        backend = os.environ.get(BACKEND_ENV, "auto") or "auto"
+    backend, forced = _requested(backend)
     if backend == "auto":
         return registry.auto(device)
     try:
@@ -298,8 +304,7 @@ def _masked_backend(device: torch.device, backend: str):
     without them (a CUDA module built before the masked kernels existed) falls back to the 'auto'
     choice among those that have them — deterministically, so replay with the same request and the
     same build reproduces training."""
-    forced = backend == "auto" and (os.environ.get(BACKEND_ENV) or "auto") != "auto"
-    if backend == "auto" and not forced:
+    if _requested(backend)[0] == "auto":
         return registry.auto(device, needs=MASKED_OPS)
     mod = select_backend(device, backend)  # a forced backend's errors name $ZOKERNELS_BACKEND
     if all(hasattr(mod, op) for op in MASKED_OPS):

@@ -25,7 +25,7 @@ import torch
 
 from .. import contract as C
 from .. import distributed
-from ..log import LogMismatch, base_fingerprint
+from ..log import LogMismatch, base_fingerprint, fingerprint_diff
 from ..quant import ops as QO
 from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
 from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
@@ -328,9 +328,7 @@ def replay_quzo(model: torch.nn.Module, log: QuZOLog, backend: str = "auto") -> 
     if log.base_fingerprint is None:
         warnings.warn("replay_quzo: the log has no base fingerprint (written before they were recorded): "
                       "the model cannot be checked to be the base training started from", stacklevel=2)
-    elif quantized_fingerprint(log.names, mods)["digest"] != log.base_fingerprint["digest"]:
-        got = quantized_fingerprint(log.names, mods)["params"]
-        diff = [n for n, v in got.items() if log.base_fingerprint["params"].get(n) != v]
+    elif diff := fingerprint_diff(quantized_fingerprint(log.names, mods), log.base_fingerprint):
         raise LogMismatch(f"this is not the quantized base the log started from: {len(diff)} tensors differ "
                           f"(format, bits or scales), e.g. {diff[:4]}")
     for n, m in zip(log.names, mods):

@@ -15,7 +15,7 @@ from .. import ops
 from ..log import FineTuneLog, base_fingerprint, new_header, resolved_backends
 from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
-from .common import as_float as _as_float, check_number as _check_number, eval_mode, scalar_loss, user_stacklevel
+from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
 from .update import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
                      projected_grads)
@@ -97,9 +97,9 @@ class ZOSGD(torch.optim.Optimizer):
                  probe_rounding: str = "stochastic", update_rounding: str = "stochastic",
                  nonfinite: str = "skip", verify_probes: str = "first", process_group=None,
                  spread_queries: bool = False, masks=None):
-        _check_number(lr, "lr", lambda v: v >= 0, ">= 0")
-        _check_number(weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
-        _check_number(eps, "eps", lambda v: v > 0, "> 0")
+        check_number(lr, "lr", lambda v: v >= 0, ">= 0")
+        check_number(weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
+        check_number(eps, "eps", lambda v: v > 0, "> 0")
         if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= C.MAX_QUERIES:
             raise ValueError(f"n_queries must be an int in [1, {C.MAX_QUERIES}], got {n_queries!r}")
         C.check_dist(dist)
@@ -133,8 +133,8 @@ class ZOSGD(torch.optim.Optimizer):
         super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
         self._building = False
         for g in self.param_groups:
-            _check_number(g["lr"], "lr", lambda v: v >= 0, ">= 0")
-            _check_number(g["weight_decay"], "weight_decay", lambda v: v >= 0, ">= 0")
+            check_number(g["lr"], "lr", lambda v: v >= 0, ">= 0")
+            check_number(g["weight_decay"], "weight_decay", lambda v: v >= 0, ">= 0")
 
         self.model = model
         self.backend = backend
@@ -190,10 +190,10 @@ class ZOSGD(torch.optim.Optimizer):
                              "loss (it is called 2 * n_queries times per step, under torch.no_grad())")
         seed = C.step_seed(self.base_seed, self._step)
         for g in self.param_groups:  # a scheduler or the user may have changed them since the last step
-            _check_number(g["lr"], "lr", lambda x: x >= 0, ">= 0")
-            _check_number(g["weight_decay"], "weight_decay", lambda x: x >= 0, ">= 0")
-        lrs = tuple(_as_float(g["lr"]) for g in self.param_groups)
-        wds = tuple(_as_float(g["weight_decay"]) for g in self.param_groups)
+            check_number(g["lr"], "lr", lambda x: x >= 0, ">= 0")
+            check_number(g["weight_decay"], "weight_decay", lambda x: x >= 0, ">= 0")
+        lrs = tuple(as_float(g["lr"]) for g in self.param_groups)
+        wds = tuple(as_float(g["weight_decay"]) for g in self.param_groups)
         with torch.no_grad(), self._eval_mode():
             if self.config.probe == "inplace":
                 loss = self._inplace_step(closure, seed, lrs, wds)

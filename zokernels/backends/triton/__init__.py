@@ -87,8 +87,9 @@ def _interpreter_defect(kernels) -> str | None:
             bad = None if int(out[0]) == 3 else f"a runtime-bounded loop counted {int(out[0])}, not 3"
         except Exception as e:  # noqa: BLE001 — whatever the interpreter raises, the kernels cannot run
             bad = f"{type(e).__name__}: {e}"
+        version = getattr(kernels.triton, "__version__", "?")
         _interpreter_checked.append(None if bad is None else (
-            f"triton {getattr(kernels.triton, '__version__', '?')}'s interpreter cannot run a loop bounded by a runtime argument ({bad}); "
+            f"triton {version}'s interpreter cannot run a loop bounded by a runtime argument ({bad}); "
             "triton 3.9 can (requirements/cpu.txt), or use backend='reference' on CPU"))
     return _interpreter_checked[0]
 
