@@ -14,7 +14,7 @@ import torch
 import zokernels as Z
 from zokernels import contract as C
 from zokernels.log import FineTuneLog, base_fingerprint, tensor_fingerprint
-from zokernels.optim.update import StepRecord
+from zokernels.step import StepRecord
 
 BACKEND = "reference"
 LLAMA_SRC = """

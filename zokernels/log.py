@@ -24,7 +24,7 @@ import torch
 
 from . import contract as C
 from . import ops
-from .optim.update import ParamTable, StepConfig, StepRecord, apply_step
+from .step import ParamTable, StepConfig, StepRecord, apply_step
 
 FORMAT = "zokernels.finetune_log"
 FORMAT_VERSION = 1

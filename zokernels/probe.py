@@ -25,7 +25,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from . import contract as C
 from . import ops
-from .optim.update import ParamTable, StepConfig
+from .step import ParamTable, StepConfig
 
 
 class ProbeError(RuntimeError):

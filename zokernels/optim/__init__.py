@@ -1,4 +1,4 @@
-"""Drop-in zeroth-order optimizers. `ZOSGD` is MeZO's SPSA-SGD; `update` holds the pure step math."""
+"""Drop-in zeroth-order optimizers. `ZOSGD` is MeZO's SPSA-SGD; zokernels.step holds the pure step math."""
 from .zosgd import NonFiniteLoss, ZOSGD
 
 __all__ = ["ZOSGD", "NonFiniteLoss"]

@@ -16,7 +16,7 @@ from ..log import FineTuneLog, base_fingerprint, new_header, resolved_backends
 from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
 from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
-from .update import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
+from ..step import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
                      apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
                      projected_grads)
 

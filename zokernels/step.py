@@ -1,8 +1,13 @@
-"""Pure functions that change weights for one ZO-SGD step, given the step's record.
+"""The types every ZO optimizer and the fine-tune log share, and ZO-SGD's pure step functions.
 
-ZOSGD.step (after its forwards produced the projected gradients) and zokernels.replay (with no
-forward at all) both call these, so replay is bitwise-equal to training by construction (same
-backend). Nothing here runs a model or reads a loss.
+`StepRecord` (one logged step), `StepConfig` (ZO-SGD's fixed settings) and `ParamTable` (the tensors a
+step changes, with their contract keys) sit below zokernels.optim so that the log (zokernels.log) and the
+probes (zokernels.probe) need nothing from the optimizers.
+
+The functions change weights for one ZO-SGD step, given the step's record. ZOSGD.step (after its
+forwards produced the projected gradients) and zokernels.replay (with no forward at all) both call
+them, so replay is bitwise-equal to training by construction (same backend). Nothing here runs a model
+or reads a loss.
 
 Step t, seed s_t, queries q = 0..Q-1, per-tensor lr and wd from the tensor's param group:
 
@@ -20,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import ops
+from . import ops
 
 PROBE_MODES = ("hooks", "swap", "inplace")
 FLOAT32_MAX = 3.4028234663852886e38
@@ -41,9 +46,10 @@ class StepConfig:
 
 @dataclass(frozen=True)
 class StepRecord:
-    """One optimizer step. grads: projected gradients g_q (float64; NaN on skipped steps);
-    lr, wd: per param group. stop: in-place probes only — index of the forward after which the step
-    was abandoned (-1: it ran to the end)."""
+    """One optimizer step, as the fine-tune log stores it. grads: projected gradients g_q (float64; NaN
+    on skipped steps); lr, wd: per param group. stop: in-place probes only — index of the forward after
+    which the step was abandoned (-1: it ran to the end). An optimizer that logs more per step (QuZO's
+    saturation counts) subclasses this with extra int fields; the log stores them as extra columns."""
 
     seed: int
     grads: tuple[float, ...]
