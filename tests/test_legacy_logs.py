@@ -3,7 +3,8 @@
 tests/data/legacy_logs/ was written by tests/data/legacy_logs/make_fixtures.py at commit e04bf6d (log
 format v1 npz for ZOSGD, the QuZO JSON log): ZOSGD float32 (hooks, two queries, a skipped step), bfloat16
 (stochastic rounding, in-place probes, a step abandoned mid-probe), MaZO row masks (one-sided), QuZO int8
-(paper update). Each replay onto the stored base must give the stored trained weights bit for bit."""
+(paper update). Each replay onto the stored base must give the stored trained weights bit for bit, through
+the one `zokernels.replay`, also after the old log is saved again in the current format."""
 from pathlib import Path
 
 import pytest
@@ -72,11 +73,33 @@ def test_v1_zosgd_log_replays_bitwise(name):
 
 
 def test_quzo_json_log_replays_bitwise():
-    from zokernels.hf.tuning import load_quzo_log
-    from zokernels.optim.quzo import replay_quzo
-
     model = base_model("quzo_int8")
-    replay_quzo(model, load_quzo_log(DATA / "quzo_int8" / "quzo_log.json"), backend=BACKEND)
+    log = Z.replay(model, DATA / "quzo_int8" / "quzo_log.json", backend=BACKEND)
+    assert_bitwise(model, "quzo_int8")
+    assert log.optimizer == "quzo" and [r.update_saturated > 0 for r in log.steps] == [True] * 4
+
+
+@pytest.mark.parametrize("name, file", [(n, "log.npz") for n in ZOSGD_FIXTURES] + [("quzo_int8", "quzo_log.json")])
+def test_old_logs_saved_again_are_current_and_replay_bitwise(name, file, tmp_path):
+    from zokernels.log import FORMAT_VERSION
+
+    old = Z.FineTuneLog.load(DATA / name / file)
+    old.save(tmp_path / "log.npz")
+    new = Z.FineTuneLog.load(tmp_path / "log.npz")
+    assert new.header["format_version"] == FORMAT_VERSION == 2 and new.header == old.header
+    assert list(map(repr, new.steps)) == list(map(repr, old.steps))  # repr: NaN grads of skipped steps
+    assert new.optimizer == ("quzo" if name == "quzo_int8" else "zosgd")
+    model = base_model(name)
+    Z.replay(model, tmp_path / "log.npz", backend=BACKEND, **({"masks": masks_of(name)} if masks_of(name) else {}))
+    assert_bitwise(model, name)
+
+
+def test_rebuild_helpers_read_the_old_quzo_log():
+    from zokernels.hf.tuning import load_quzo_log
+
+    log = load_quzo_log(DATA / "quzo_int8" / "quzo_log.json")
+    model = base_model("quzo_int8")
+    Z.replay(model, log, backend=BACKEND)
     assert_bitwise(model, "quzo_int8")
 
 
@@ -101,13 +124,14 @@ def test_zosgd_state_dict_loads_and_its_log_replays(name):
 
 
 def test_quzo_state_dict_loads_and_its_log_replays():
-    from zokernels.optim.quzo import QuZO, replay_quzo
+    from zokernels.optim.quzo import QuZO
 
     trained = base_model("quzo_int8")
     trained.load_state_dict(load("quzo_int8", "trained"))
     opt = QuZO(trained, lr=0.05, eps=1e-2, seed=1, backend=BACKEND, n_queries=2, update="paper")
     opt.load_state_dict(torch.load(DATA / "quzo_int8" / "state.pt", weights_only=True))
     assert opt.steps_taken == 4
+    assert opt.log.base_seed == 31 and opt.log.base_fingerprint is not None
     model = base_model("quzo_int8")
-    replay_quzo(model, opt.log, backend=BACKEND)
+    Z.replay(model, opt.log, backend=BACKEND)
     assert_bitwise(model, "quzo_int8")

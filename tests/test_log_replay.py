@@ -236,7 +236,7 @@ def test_20k_step_log_is_small_and_round_trips(tmp_path):
     model = tiny_llama(torch.float32)
     opt = make_opt(model, "hooks")
     log = FineTuneLog(opt.log.header)
-    log.header["n_queries"] = 1  # MeZO's setting: Q = 1, decay / no-decay groups, a decaying lr
+    log.header["config"]["n_queries"] = 1  # MeZO's setting: Q = 1, decay / no-decay groups, a decaying lr
     g = torch.Generator().manual_seed(0)
     grads = torch.randn(20000, generator=g, dtype=torch.float64).tolist()
     for t in range(20000):
@@ -268,3 +268,80 @@ def test_fingerprint_is_exact():
     b = x.bfloat16()
     assert base_fingerprint([("w", b)])["digest"] != base_fingerprint([("w", b.half())])["digest"]
     assert base_fingerprint([("module.w", b)]) == base_fingerprint([("w", b)])  # canonical names
+
+
+# ----------------------------------------------------------------------------- one format, one replay
+def test_any_registered_optimizer_logs_and_replays_through_the_one_format(tmp_path):
+    """An optimizer outside the package plugs in by registering its config, record type and pure step
+    function: its log (extra per-step columns included) saves, loads and replays through zokernels.replay."""
+    import dataclasses
+
+    from zokernels import log as L
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyConfig:
+        eps: float
+        n_queries: int
+
+    @dataclasses.dataclass(frozen=True)
+    class ToyRecord(StepRecord):
+        clipped: int = 0
+
+    def bind(named, log, backend):
+        return dict(L.named_tensors(named))["w"]
+
+    def apply(w, record, config, backend):
+        if not record.skipped:
+            w.sub_(record.lr[0] * sum(record.grads) / config.n_queries)
+
+    L.register_optimizer("toy-sgd", config_type=ToyConfig, bind=bind, apply_step=apply, record_type=ToyRecord)
+    try:
+        header = L.new_header(optimizer="toy-sgd", config={"eps": 1e-3, "n_queries": 2},
+                              groups=[{"names": ["w"], "lr": 0.5, "weight_decay": 0.0}], keys={"w": C.param_key("w")},
+                              base_seed=7, fingerprint=None, record_type=ToyRecord)
+        log = FineTuneLog(header, [ToyRecord(1, (1.0, 3.0), (0.5,), (0.0,), clipped=4),
+                                   ToyRecord(2, (math.nan, math.nan), (0.5,), (0.0,), skipped=True)])
+        assert header["columns"] == ["clipped"]
+        log.save(tmp_path / "toy.npz")
+        back = FineTuneLog.load(tmp_path / "toy.npz")
+        assert back.optimizer == "toy-sgd" and back.config == ToyConfig(1e-3, 2) and back.steps[0].clipped == 4
+        w = torch.ones(3)
+        assert Z.replay({"w": w}, tmp_path / "toy.npz") is not None
+        assert torch.equal(w, torch.full((3,), 0.0))
+        header["optimizer"] = "not-registered"
+        with pytest.raises(Z.LogMismatch, match="not-registered.*not registered"):
+            Z.replay({"w": w}, FineTuneLog(header, []))
+    finally:
+        L._OPTIMIZERS.pop("toy-sgd", None)
+    (tmp_path / "junk.json").write_text('{"format": "something else"}')
+    with pytest.raises(Z.LogMismatch, match="not a zokernels fine-tune log"):
+        FineTuneLog.load(tmp_path / "junk.json")
+
+
+def test_zosgd_and_quzo_write_the_same_versioned_format(tmp_path):
+    from zokernels.log import FORMAT, FORMAT_VERSION
+    from zokernels.optim.quzo import QuZO, QuZORecord
+    from zokernels.quant import quantize_model
+
+    g = torch.Generator().manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Linear(6, 5), torch.nn.Linear(5, 3))
+    x = torch.randn(4, 6, generator=g)
+    float_opt = Z.ZOSGD(lin, lr=1e-2, seed=1, backend=BACKEND)
+    float_opt.step(lambda: lin(x).square().mean())
+    quantize_model(lin, "int8", exclude=())
+    quant_opt = QuZO(lin, lr=1e-2, eps=1e-2, seed=1, backend=BACKEND)
+    quant_opt.step(lambda: lin(x).square().mean())
+    for opt, name in ((float_opt, "zosgd"), (quant_opt, "quzo")):
+        opt.log.save(tmp_path / f"{name}.npz")
+        back = FineTuneLog.load(tmp_path / f"{name}.npz")
+        h = back.header
+        assert (h["format"], h["format_version"], h["optimizer"]) == (FORMAT, FORMAT_VERSION, name)
+        assert h["config"] == dataclasses_asdict(opt.config) and back.config == opt.config
+        assert back.base_seed == 1 and len(back) == 1
+    assert isinstance(FineTuneLog.load(tmp_path / "quzo.npz").steps[0], QuZORecord)
+    assert FineTuneLog.load(tmp_path / "quzo.npz").header["columns"] == ["probe_saturated", "update_saturated"]
+
+
+def dataclasses_asdict(x):
+    import dataclasses
+    return dataclasses.asdict(x)

@@ -6,7 +6,8 @@ import torch
 
 from zokernels import contract as C
 from zokernels import quant
-from zokernels.optim.quzo import QuZO, replay_quzo
+import zokernels as Z
+from zokernels.optim.quzo import QuZO
 from zokernels.quant import formats as F
 from zokernels.quant import ops as QO
 from zokernels.quant.variance import compare
@@ -59,7 +60,7 @@ def test_quzo_nonfinite_loss_skips_with_a_warning_at_the_caller():
     model, _, closure = _tiny_llama("int8")
     opt = QuZO(model, lr=1e-2, eps=1e-2, seed=3)
     before = _qstate(model)
-    with pytest.warns(RuntimeWarning, match="step skipped") as rec:
+    with pytest.warns(RuntimeWarning, match="the step was skipped") as rec:
         opt.step(lambda: closure() * float("nan"))
     assert all(w.filename == __file__ for w in rec), [w.filename for w in rec]
     assert all(torch.equal(a, b) for a, b in zip(before, _qstate(model))) and opt.log.steps[-1].skipped
@@ -100,12 +101,12 @@ def test_replay_rebuilds_weights_bitwise():
     for _ in range(5):
         opt.step(closure)
     assert not all(torch.equal(a, b) for a, b in zip(_qstate(model), _qstate(base)))
-    replay_quzo(base, opt.log)
+    Z.replay(base, opt.log)
     assert all(torch.equal(a, b) for a, b in zip(_qstate(model), _qstate(base)))
 
 
 def test_replay_refuses_a_foreign_base_and_old_contracts():
-    """replay_quzo checks the quantized base (format, bits, scales) against the log's fingerprint and the
+    """replay checks the quantized base (format, bits, scales) against the log's fingerprint and the
     contract version: a trained model or another format is refused, not silently replayed onto."""
     from zokernels.log import LogMismatch
     model, _, closure = _tiny_llama("int8")
@@ -113,14 +114,16 @@ def test_replay_refuses_a_foreign_base_and_old_contracts():
     for _ in range(2):
         opt.step(closure)
     with pytest.raises(LogMismatch, match="not the quantized base"):
-        replay_quzo(model, opt.log)                    # already fine-tuned
+        Z.replay(model, opt.log)                    # already fine-tuned
     with pytest.raises(LogMismatch, match="not the quantized base"):
-        replay_quzo(_tiny_llama("fp8")[0], opt.log)    # another format
-    import dataclasses
+        Z.replay(_tiny_llama("fp8")[0], opt.log)    # another format
+    old = Z.FineTuneLog(dict(opt.log.header, contract_version=0), opt.log.steps)
     with pytest.raises(LogMismatch, match="contract v0"):
-        replay_quzo(_tiny_llama("int8")[0], dataclasses.replace(opt.log, contract_version=0))
+        Z.replay(_tiny_llama("int8")[0], old)
     base = _tiny_llama("int8")[0]
-    replay_quzo(base, opt.log)
+    with pytest.warns(DeprecationWarning, match="replay_quzo is deprecated"):
+        from zokernels.optim.quzo import replay_quzo
+        replay_quzo(base, opt.log)                  # the old name forwards
     assert all(torch.equal(a, b) for a, b in zip(_qstate(model), _qstate(base)))
 
 

@@ -1,34 +1,45 @@
-"""The fine-tune log: everything needed to rebuild ZO fine-tuned weights from the base weights.
+"""The fine-tune log: everything needed to rebuild ZO fine-tuned weights from the base weights, for every
+ZO optimizer of the package (ZOSGD, QuZO, and any optimizer that registers itself here).
 
 A ZO step is fully described by its seed, its Q projected gradients and its learning rates, so a
 run of T steps is ~ T * (8 + 8Q + 16G) bytes (G param groups) instead of a checkpoint. `replay`
-re-applies the logged steps to the base weights, with no forward: bitwise with the backend training
-used (recorded in the header; replay warns when it resolves to another: Gaussian z then go through
-another float32 libm, ~1e-7 relative, and a 16-bit rounding may fall the other way in rare elements).
+re-applies the logged steps to the base weights, with no forward, through the pure step function of the
+optimizer the header names (`register_optimizer`): bitwise with the backend training used (ZOSGD records
+it in the header; replay warns when it resolves to another: Gaussian z then go through another float32
+libm, ~1e-7 relative, and a 16-bit rounding may fall the other way in rare elements).
 
-File format (`FineTuneLog.save`): a numpy .npz, no pickle — `header` (UTF-8 JSON as uint8),
-`seeds` uint64 [T], `grads` float64 [T, Q], `lrs` / `wds` float64 [T, G], `skipped` bool [T],
-`stop` int32 [T] (in-place probes: the forward a dropped step stopped after, else -1).
+File format v2 (`FineTuneLog.save`): a numpy .npz, no pickle —
+  `header`  UTF-8 JSON as uint8: format, format_version (2), contract_version, optimizer (registered
+            name: "zosgd", "quzo"), config (the optimizer's fixed settings), groups ([{names, lr,
+            weight_decay}], lr / weight_decay as at construction), keys ({name: contract key}), base_seed,
+            base_fingerprint, columns (extra per-step columns), and optimizer-specific entries (ZOSGD:
+            backends, masks);
+  `seeds` uint64 [T], `grads` float64 [T, Q], `lrs` / `wds` float64 [T, G], `skipped` bool [T],
+  `stop` int32 [T] (in-place probes: the forward a dropped step stopped after, else -1), and
+  `col_<name>` int64 [T] per extra column (QuZO: probe_saturated, update_saturated).
+Big integers (seeds, keys) are strings in the JSON. `FineTuneLog.load` also reads format v1 (ZOSGD's
+npz up to commit e04bf6d: the config at the top level of the header) and the JSON logs that optimizers
+register a reader for (QuZO's quzo_log.json of the same commits); `save` always writes v2.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import json
 import os
-import warnings
-from typing import Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
 
 from . import contract as C
-from . import ops
-from .step import ParamTable, StepConfig, StepRecord, apply_step
+from .step import StepConfig, StepRecord
 
 FORMAT = "zokernels.finetune_log"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 _FINGERPRINT_CHUNK = 1 << 22
+_ZIP_MAGIC = b"PK\x03\x04"
 
 
 class LogMismatch(ValueError):
@@ -82,9 +93,60 @@ def fingerprint_diff(got: dict, want: dict) -> list[str]:
     return [n for n in names if got["params"].get(n) != want["params"].get(n)]
 
 
+# ----------------------------------------------------------------------------- optimizers
+@dataclasses.dataclass(frozen=True)
+class LoggedOptimizer:
+    """How replay rebuilds the weights of one optimizer's log.
+
+    bind(target, log, backend, **options): checks that `target` (a model or named tensors) holds the base
+    the log started from and returns what apply_step changes; apply_step(state, record, config, backend):
+    the optimizer's pure step function (the one its step() calls after the forwards); config_type(**header
+    config): its fixed settings; record_type: StepRecord or a subclass whose extra int fields are logged as
+    extra columns."""
+
+    name: str
+    config_type: type
+    bind: Callable[..., Any]
+    apply_step: Callable[..., None]
+    record_type: type = StepRecord
+
+
+_OPTIMIZERS: dict[str, LoggedOptimizer] = {}
+_JSON_READERS: dict[str, Callable[[dict], "FineTuneLog"]] = {}
+
+
+def register_optimizer(name: str, *, config_type: type, bind: Callable, apply_step: Callable,
+                       record_type: type = StepRecord) -> LoggedOptimizer:
+    """Make logs whose header names optimizer `name` loadable and replayable (see LoggedOptimizer)."""
+    if not (isinstance(record_type, type) and issubclass(record_type, StepRecord)):
+        raise TypeError(f"record_type must be StepRecord or a subclass, got {record_type!r}")
+    entry = LoggedOptimizer(name, config_type, bind, apply_step, record_type)
+    _OPTIMIZERS[name] = entry
+    return entry
+
+
+def register_json_reader(format_name: str, reader: Callable[[dict], "FineTuneLog"]) -> None:
+    """A reader for an older JSON log whose top-level "format" is `format_name` (FineTuneLog.load uses it)."""
+    _JSON_READERS[format_name] = reader
+
+
+def logged_optimizer(name: str) -> LoggedOptimizer:
+    try:
+        return _OPTIMIZERS[name]
+    except KeyError:
+        raise LogMismatch(f"the log was written by optimizer {name!r}, which is not registered here (known: "
+                          f"{sorted(_OPTIMIZERS)}); import the module that defines it") from None
+
+
+def _extra_columns(record_type: type) -> list[str]:
+    base = {f.name for f in dataclasses.fields(StepRecord)}
+    return [f.name for f in dataclasses.fields(record_type) if f.name not in base]
+
+
 # ----------------------------------------------------------------------------- the log
 class FineTuneLog:
-    """header (dict, JSON-able) + steps (list of StepRecord: .seed, .grads, .lr, .wd, .skipped)."""
+    """header (dict, JSON-able; see the module docstring) + steps (list of StepRecord: .seed, .grads, .lr,
+    .wd, .skipped, .stop, and the optimizer's extra columns)."""
 
     def __init__(self, header: dict, steps: list[StepRecord] | None = None):
         self.header = header
@@ -92,11 +154,13 @@ class FineTuneLog:
 
     # -- views of the header
     @property
-    def config(self) -> StepConfig:
-        h = self.header
-        return StepConfig(eps=float(h["eps"]), n_queries=int(h["n_queries"]), dist=h["dist"],
-                          one_sided=bool(h["one_sided"]), probe=h["probe"], probe_rounding=h["probe_rounding"],
-                          update_rounding=h["update_rounding"])
+    def optimizer(self) -> str:
+        return self.header["optimizer"]
+
+    @property
+    def config(self):
+        """The optimizer's config (StepConfig for ZOSGD, QuZOConfig for QuZO)."""
+        return logged_optimizer(self.optimizer).config_type(**self.header["config"])
 
     @property
     def keys(self) -> dict[str, int]:
@@ -106,6 +170,27 @@ class FineTuneLog:
     def group_names(self) -> list[list[str]]:
         return [list(g["names"]) for g in self.header["groups"]]
 
+    @property
+    def names(self) -> list[str]:
+        """Every logged parameter (QuZO: QuantLinear layer) name, group by group."""
+        return [n for g in self.header["groups"] for n in g["names"]]
+
+    @property
+    def base_seed(self) -> int:
+        return int(self.header["base_seed"])
+
+    @property
+    def contract_version(self) -> int:
+        return int(self.header["contract_version"])
+
+    @property
+    def base_fingerprint(self) -> dict | None:
+        return self.header.get("base_fingerprint")
+
+    @property
+    def columns(self) -> list[str]:
+        return list(self.header.get("columns", []))
+
     def append(self, record: StepRecord) -> None:
         self.steps.append(record)
 
@@ -114,8 +199,8 @@ class FineTuneLog:
 
     # -- arrays
     def _arrays(self) -> dict[str, np.ndarray]:
-        n, q, g = len(self.steps), int(self.header["n_queries"]), len(self.header["groups"])
-        return {
+        n, q, g = len(self.steps), int(self.header["config"]["n_queries"]), len(self.header["groups"])
+        out = {
             "seeds": np.array([r.seed for r in self.steps], dtype=np.uint64).reshape(n),
             "grads": np.array([r.grads for r in self.steps], dtype=np.float64).reshape(n, q),
             "lrs": np.array([r.lr for r in self.steps], dtype=np.float64).reshape(n, g),
@@ -123,28 +208,59 @@ class FineTuneLog:
             "skipped": np.array([r.skipped for r in self.steps], dtype=np.bool_).reshape(n),
             "stop": np.array([r.stop for r in self.steps], dtype=np.int32).reshape(n),
         }
+        for c in self.columns:
+            out[f"col_{c}"] = np.array([getattr(r, c) for r in self.steps], dtype=np.int64).reshape(n)
+        return out
 
     @classmethod
     def _from_arrays(cls, header: dict, a: dict[str, np.ndarray]) -> "FineTuneLog":
-        steps = [StepRecord(seed=int(s), grads=tuple(float(x) for x in gr), lr=tuple(float(x) for x in lr),
-                            wd=tuple(float(x) for x in wd), skipped=bool(sk), stop=int(st))
-                 for s, gr, lr, wd, sk, st in zip(a["seeds"], a["grads"], a["lrs"], a["wds"], a["skipped"],
-                                                  a["stop"])]
+        entry = _OPTIMIZERS.get(header["optimizer"])
+        record_type = entry.record_type if entry is not None else StepRecord
+        extra = [c for c in header.get("columns", []) if c in _extra_columns(record_type)]
+        cols = [a[f"col_{c}"] for c in extra]
+        steps = []
+        for i, (s, gr, lr, wd, sk, st) in enumerate(zip(a["seeds"], a["grads"], a["lrs"], a["wds"], a["skipped"],
+                                                        a["stop"])):
+            steps.append(record_type(seed=int(s), grads=tuple(float(x) for x in gr), lr=tuple(float(x) for x in lr),
+                                     wd=tuple(float(x) for x in wd), skipped=bool(sk), stop=int(st),
+                                     **{c: int(col[i]) for c, col in zip(extra, cols)}))
         return cls(header, steps)
 
     # -- files (no pickle)
     def save(self, path: str | os.PathLike) -> None:
+        """Write format v2 (whatever the log was loaded from)."""
         header = np.frombuffer(json.dumps(self.header, sort_keys=True).encode("utf-8"), dtype=np.uint8)
         with open(path, "wb") as f:  # a file object: numpy would append ".npz" to a path
             np.savez_compressed(f, header=header, **self._arrays())
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FineTuneLog":
+        """A log file of format v2 or v1 (npz), or an older JSON log with a registered reader (QuZO's)."""
+        with open(path, "rb") as fh:
+            magic = fh.read(4)
+        if magic != _ZIP_MAGIC:
+            return cls._load_json(path)
         with np.load(path, allow_pickle=False) as z:
+            if "header" not in z.files:
+                raise LogMismatch(f"{path} is not a zokernels fine-tune log")
             header = json.loads(bytes(z["header"]).decode("utf-8"))
             if header.get("format") != FORMAT:
                 raise LogMismatch(f"{path} is not a zokernels fine-tune log")
-            return cls._from_arrays(header, {k: z[k] for k in z.files if k != "header"})
+            return cls._from_arrays(upgrade_header(header), {k: z[k] for k in z.files if k != "header"})
+
+    @classmethod
+    def _load_json(cls, path) -> "FineTuneLog":
+        try:
+            with open(path, encoding="utf-8") as fh:
+                data = json.load(fh)
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise LogMismatch(f"{path} is not a zokernels fine-tune log (neither npz nor JSON)") from None
+        reader = _JSON_READERS.get(data.get("format")) if isinstance(data, dict) else None
+        if reader is None:
+            raise LogMismatch(f"{path} is not a zokernels fine-tune log (JSON of format "
+                              f"{data.get('format') if isinstance(data, dict) else None!r}; readable JSON logs: "
+                              f"{sorted(_JSON_READERS)})")
+        return reader(data)
 
     # -- optimizer state (torch.save(..., weights_only=True) friendly)
     def state(self) -> dict:
@@ -156,9 +272,10 @@ class FineTuneLog:
 
     @classmethod
     def from_state(cls, state: dict) -> "FineTuneLog":
+        """From state() — of this version or of a v1 log (a ZOSGD state_dict saved by older code)."""
         a = {k: v.cpu().numpy() for k, v in state.items() if k != "header"}
         a["seeds"] = a["seeds"].view(np.uint64)
-        return cls._from_arrays(json.loads(state["header"]), a)
+        return cls._from_arrays(upgrade_header(json.loads(state["header"])), a)
 
     def nbytes(self) -> int:
         buf = io.BytesIO()
@@ -167,34 +284,65 @@ class FineTuneLog:
         return buf.getbuffer().nbytes
 
 
-def new_header(*, config: StepConfig, groups: list[dict], keys: dict[str, int], base_seed: int,
-               fingerprint: dict) -> dict:
+def new_header(*, optimizer: str, config: dict, groups: list[dict], keys: dict[str, int], base_seed: int,
+               fingerprint: dict | None, record_type: type = StepRecord, **extra) -> dict:
+    """A v2 header. groups: [{"names": [...], "lr": float, "weight_decay": float}]; extra: optimizer-specific
+    entries (JSON-able)."""
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "contract_version": C.CONTRACT_VERSION,
-        "eps": config.eps, "n_queries": config.n_queries, "dist": config.dist, "one_sided": config.one_sided,
-        "probe": config.probe, "probe_rounding": config.probe_rounding,
-        "update_rounding": config.update_rounding,
-        "weight_decay": [g["weight_decay"] for g in groups], "groups": groups,
+        "optimizer": optimizer, "config": dict(config), "groups": groups,
         "keys": {name: str(k) for name, k in keys.items()}, "base_seed": str(base_seed),
-        "masks": {}, "base_fingerprint": fingerprint,
+        "base_fingerprint": fingerprint, "columns": _extra_columns(record_type), **extra,
     }
 
 
-def resolved_backends(params: ParamTable, backend: str) -> dict[str, str]:
-    """{device type: the backend `backend` resolves to there} for the devices of the dense tensors, and
-    {"<device type> masked": ...} for the masked ones (the masked ops may fall back to another backend)."""
-    masks = params.masks or [None] * len(params.tensors)
-    out = {}
-    for t, m in zip(params.tensors, masks):
-        kind = t.device.type if m is None else f"{t.device.type} masked"
-        if kind not in out:
-            mod = ops.select_backend(t.device, backend) if m is None else ops._masked_backend(t.device, backend)
-            out[kind] = mod.NAME
-    return dict(sorted(out.items()))
+_V1_CONFIG = tuple(f.name for f in dataclasses.fields(StepConfig))
+
+
+def upgrade_header(header: dict) -> dict:
+    """A header of any supported format version as a v2 header (v1: ZOSGD's, config at the top level)."""
+    version = int(header.get("format_version", 0))
+    if version == FORMAT_VERSION:
+        return header
+    if version != 1:
+        raise LogMismatch(f"fine-tune log format v{version} is not supported (this zokernels reads v1 and "
+                          f"v{FORMAT_VERSION})")
+    out = {k: v for k, v in header.items() if k not in _V1_CONFIG and k != "weight_decay"}
+    out.update(format_version=FORMAT_VERSION, optimizer="zosgd", config={k: header[k] for k in _V1_CONFIG},
+               columns=[])
+    return out
 
 
 # ----------------------------------------------------------------------------- replay
-def _named(model_or_named_params) -> list[tuple[str, torch.Tensor]]:
+def check_contract(log: FineTuneLog) -> None:
+    if log.header.get("format") != FORMAT:
+        raise LogMismatch("not a zokernels fine-tune log")
+    if log.contract_version != C.CONTRACT_VERSION:
+        raise LogMismatch(f"the log was written under perturbation contract v{log.contract_version}; this "
+                          f"zokernels implements v{C.CONTRACT_VERSION}: its z differ, replay would be wrong")
+
+
+def replay(model_or_named_params, log_or_path: FineTuneLog | str | os.PathLike, backend: str = "auto",
+           **options) -> FineTuneLog:
+    """Rebuild fine-tuned weights in place from the base weights: re-apply every logged step with no
+    forward, through the pure step function of the optimizer that wrote the log (ZOSGD: in-place probes'
+    +-eps passes and skipped steps included; QuZO: on the QuantLinear layers of a model quantized like
+    the base). Bitwise equal to training with the same backend. Refuses a log whose contract version,
+    key table or base fingerprint does not match. options go to the optimizer's check (ZOSGD: masks=
+    {name or tensor: zokernels.mazo.ParamMask}, the masks training used). Returns the log."""
+    log = log_or_path if isinstance(log_or_path, FineTuneLog) else FineTuneLog.load(log_or_path)
+    check_contract(log)
+    entry = logged_optimizer(log.optimizer)
+    state = entry.bind(model_or_named_params, log, backend, **options)
+    config = log.config
+    with torch.no_grad():
+        for record in log.steps:
+            entry.apply_step(state, record, config, backend)
+    return log
+
+
+def named_tensors(model_or_named_params) -> list[tuple[str, torch.Tensor]]:
+    """(name, tensor) pairs of an nn.Module's parameters, a {name: tensor} dict or (name, tensor) pairs."""
     if isinstance(model_or_named_params, torch.nn.Module):
         return list(model_or_named_params.named_parameters())
     if isinstance(model_or_named_params, dict):
@@ -203,72 +351,3 @@ def _named(model_or_named_params) -> list[tuple[str, torch.Tensor]]:
     if not all(isinstance(x, tuple) and len(x) == 2 and isinstance(x[0], str) for x in named):
         raise TypeError("replay needs an nn.Module, a {name: tensor} dict or (name, tensor) pairs")
     return named
-
-
-def check_log(log: FineTuneLog, named: list[tuple[str, torch.Tensor]]) -> ParamTable:
-    """The ParamTable of `named` for this log; raises LogMismatch if the log is not for these weights."""
-    h = log.header
-    if h.get("format") != FORMAT:
-        raise LogMismatch("not a zokernels fine-tune log")
-    if int(h["contract_version"]) != C.CONTRACT_VERSION:
-        raise LogMismatch(f"the log was written under perturbation contract v{h['contract_version']}; this "
-                          f"zokernels implements v{C.CONTRACT_VERSION}: its z differ, replay would be wrong")
-    keys = log.keys
-    bad = [n for n, k in keys.items() if C.param_key(n) != k]
-    if bad:
-        raise LogMismatch(f"the log's key table does not match param_key() for {bad[:5]} "
-                          f"({len(bad)} names): written by an incompatible zokernels")
-    by_key: dict[int, torch.Tensor] = {}
-    for name, t in named:
-        by_key.setdefault(C.param_key(name), t)
-    missing = [n for n, k in keys.items() if k not in by_key]
-    if missing:
-        raise LogMismatch(f"{len(missing)} logged parameters are not in the given model, e.g. {missing[:5]}")
-    diff = fingerprint_diff(base_fingerprint((n, by_key[k]) for n, k in keys.items()), h["base_fingerprint"])
-    if diff:
-        raise LogMismatch(f"these are not the base weights the log started from: {len(diff)} parameters "
-                          f"differ (shape, dtype or values), e.g. {diff[:5]}")
-    tensors, tkeys, group_of = [], [], []
-    for gi, names in enumerate(log.group_names):
-        for n in names:
-            tensors.append(by_key[keys[n]])
-            tkeys.append(keys[n])
-            group_of.append(gi)
-    return ParamTable(tensors, tkeys, group_of)
-
-
-def replay(model_or_named_params, log_or_path: FineTuneLog | str | os.PathLike, backend: str = "auto", *,
-           masks=None) -> FineTuneLog:
-    """Rebuild fine-tuned weights in place from the base weights: re-apply every logged step
-    (in-place probes' +-eps passes and skipped steps included) with no forward. Bitwise equal to
-    training with the same backend. Refuses a log whose contract version, key table or base
-    fingerprint does not match, or whose mask fingerprint (MaZO) differs from `masks`'
-    ({name or tensor: zokernels.mazo.ParamMask}, the masks training used). Returns the log."""
-    log = log_or_path if isinstance(log_or_path, FineTuneLog) else FineTuneLog.load(log_or_path)
-    params = check_log(log, _named(model_or_named_params))
-    _attach_masks(log, params, masks)
-    trained = log.header.get("backends")
-    now = resolved_backends(params, backend)
-    if trained is not None and trained != now:
-        warnings.warn(f"replay: training ran the ops with backend {trained}, this replay with {now}: the weights "
-                      "will match to float32 rounding (~1e-7 relative), not bitwise; replay on the training "
-                      "device with backend=... for a bitwise rebuild", stacklevel=2)
-    config = log.config
-    with torch.no_grad():
-        for record in log.steps:
-            apply_step(params, record, config, backend)
-    return log
-
-
-def _attach_masks(log: FineTuneLog, params: ParamTable, masks) -> None:
-    """params.masks from `masks`, checked against the log's mask fingerprint (MaZO)."""
-    from .mazo.masks import masks_fingerprint, resolve_masks
-
-    names = [n for g in log.group_names for n in g]
-    table = resolve_masks(masks, names, params.tensors) if masks else None
-    got = masks_fingerprint((n, m) for n, m in zip(names, table or []) if m is not None)
-    want = log.header.get("masks", {})
-    if got != want:
-        raise LogMismatch("the masks given to replay are not the ones training used (mask fingerprints differ"
-                          + ("; training used masks: pass masks=..." if want and not got else "") + ")")
-    params.masks = table

@@ -24,7 +24,7 @@ QuantLinear layers is trained by QuZO on their quantized weights (all of them, o
 `zo_quant_layers`); float parameters stay frozen (a warning says so if some require grad).
 `zo_method="zosgd"` instead trains the float parameters that require grad with ZOSGD on the frozen
 quantized base (norms, LoRA adapters: QLoRA-style). QuZO has no weight decay; its log (seeds,
-projected gradients) is in `optimizer.pt` like ZOSGD's and `replay_quzo` rebuilds the weights.
+projected gradients) is in `optimizer.pt` like ZOSGD's and `zokernels.replay` rebuilds the weights.
 
 Refused: fp16 mixed precision (GradScaler scales gradients that ZO never computes; use bf16, fp32,
 or a model loaded in float16 without --fp16), DeepSpeed (its engine owns the optimizer; ZO has no
@@ -130,7 +130,7 @@ ZO_METHODS = ("auto", "zosgd", "quzo")
 
 class QuantSubset(nn.Module):
     """A module tree holding only the named QuantLinear layers of `model`, under their full names (so
-    QuZO's contract keys and log names are those of the whole model and replay_quzo applies to it)."""
+    QuZO's contract keys and log names are those of the whole model and replay applies to it)."""
 
     def __init__(self, model: nn.Module, names):
         super().__init__()

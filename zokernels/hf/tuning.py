@@ -13,7 +13,7 @@ from .errors import ZOError
 TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora")
 QUANT_FORMATS = ("int8", "int4", "fp8")
 QUZO_MODES = ("all", "last-layers")   # with --quant these train QuantLinear weights with QuZO
-QUZO_LOG_FILE = "quzo_log.json"
+QUZO_LOG_FILE = "quzo_log.json"   # the name the CLI writes; the contents are the one npz log format
 ZOSGD_LOG_FILE = "finetune_log.npz"
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -150,30 +150,29 @@ def trainable_count(model: nn.Module) -> tuple[int, int]:
 
 
 def save_quzo_log(log, path: str | os.PathLike) -> None:
-    """A QuZO log (zokernels.optim.quzo.QuZOLog) as JSON: config, base seed, layer names, per-step seed,
-    projected gradients, lr and saturation counts. Floats are written with repr precision (round-trip exact)."""
-    from dataclasses import asdict
-
-    with open(path, "w") as fh:
-        json.dump({"format": "zokernels.quzo_log", "version": 1, **asdict(log)}, fh)
+    """Write a QuZO run's log (a zokernels.FineTuneLog, optimizer "quzo") to `path`: the one fine-tune log
+    format, an npz whatever the file is named (zokernels.log)."""
+    log.save(path)
 
 
 def load_quzo_log(path: str | os.PathLike):
-    from ..optim.quzo import QuZOLog, QuZORecord
+    """A QuZO log file: the npz save_quzo_log writes, or the JSON written by zokernels up to commit e04bf6d."""
+    from ..log import FineTuneLog, LogMismatch
 
-    with open(path) as fh:
-        data = json.load(fh)
-    if data.get("format") != "zokernels.quzo_log":
-        raise ZOError(f"{path} is not a QuZO log written by save_quzo_log")
-    steps = [QuZORecord(**{**r, "grads": tuple(r["grads"]), "lr": tuple(r["lr"])}) for r in data["steps"]]
-    return QuZOLog(data["config"], int(data["base_seed"]), list(data["names"]), steps,
-                   contract_version=int(data.get("contract_version", 1)), base_fingerprint=data.get("base_fingerprint"))
+    try:
+        log = FineTuneLog.load(path)
+    except LogMismatch as e:
+        raise ZOError(f"{path} is not a QuZO log: {e}") from None
+    if log.optimizer != "quzo":
+        raise ZOError(f"{path} is a {log.optimizer} log, not a QuZO log")
+    return log
 
 
 def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None):
     """Base model + fine-tune log -> the fine-tuned model, from a `finetune` output dir (its
     run_config.json names the model, dtype, tuning mode and quantization; finetune_log.npz (ZOSGD) or
-    quzo_log.json (QuZO) holds the steps). --quant runs: the model is quantized the same way (round to
+    quzo_log.json (QuZO; the same npz format, or JSON when written by zokernels up to commit e04bf6d) holds
+    the steps). --quant runs: the model is quantized the same way (round to
     nearest is deterministic) and the log replayed, bitwise."""
     import zokernels
 
@@ -194,10 +193,6 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
         _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
                                              matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1),
                                              tune_linears=linears)
-    if quzo_layers is not None:
-        from ..optim.quzo import replay_quzo
-
-        replay_quzo(model, load_quzo_log(os.path.join(output_dir, QUZO_LOG_FILE)))
-    else:
-        zokernels.replay(model, os.path.join(output_dir, ZOSGD_LOG_FILE))
+    # one replay for every optimizer's log; the file name says which optimizer the run used
+    zokernels.replay(model, os.path.join(output_dir, QUZO_LOG_FILE if quzo_layers is not None else ZOSGD_LOG_FILE))
     return model if tokenizer is None else (model, tokenizer)

@@ -15,21 +15,21 @@ grid values q_w, scale s):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
-import os
 import warnings
-from dataclasses import asdict, dataclass, field
-from typing import Callable
+from dataclasses import dataclass
 
 import torch
 
 from .. import contract as C
-from .. import distributed
-from ..log import LogMismatch, base_fingerprint, fingerprint_diff
+from ..log import (FineTuneLog, LogMismatch, base_fingerprint, fingerprint_diff, new_header, register_json_reader,
+                   register_optimizer)
 from ..quant import ops as QO
 from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
-from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
-from .zosgd import NonFiniteLoss
+from ..step import StepRecord
+from .base import ZOOptimizer, check_choice, check_eps, check_lr, check_n_queries
+from .common import as_float, scalar_loss, user_stacklevel
 
 PROBES = ("fused", "inplace")
 
@@ -45,31 +45,17 @@ class QuZOConfig:
     fmt: str = "int8"
 
 
-@dataclass
-class QuZORecord:
-    """One step: seed, projected gradients mu_q, lr per group, and saturation counts (elements clamped
-    at the grid edge in the probes and in the update)."""
+@dataclass(frozen=True)
+class QuZORecord(StepRecord):
+    """One step (seed, projected gradients mu_q, lr of the one group, wd always 0) and its saturation counts:
+    elements clamped at the grid edge in the probes and in the update (logged, not needed by replay)."""
 
-    seed: int
-    grads: tuple[float, ...]
-    lr: tuple[float, ...]
-    skipped: bool = False
     probe_saturated: int = 0
     update_saturated: int = 0
 
 
-@dataclass
-class QuZOLog:
-    config: dict
-    base_seed: int
-    names: list[str]
-    steps: list[QuZORecord] = field(default_factory=list)
-    contract_version: int = C.CONTRACT_VERSION
-    base_fingerprint: dict | None = None   # of the quantized weights and scales training started from
-
-
 def quantized_fingerprint(names: list[str], layers: list[QuantLinear]) -> dict:
-    """base_fingerprint of each layer's format, quantized weight bits and scales (replay_quzo checks it)."""
+    """base_fingerprint of each layer's format, quantized weight bits and scales (replay checks it)."""
     named = []
     for n, m in zip(names, layers):
         named.append((f"{n}.qweight.{m.fmt}", m.qweight.detach().view(torch.uint8).to(torch.int32)))
@@ -77,7 +63,40 @@ def quantized_fingerprint(names: list[str], layers: list[QuantLinear]) -> dict:
     return base_fingerprint(named)
 
 
-class QuZO(torch.optim.Optimizer):
+def layer_key(name: str) -> int:
+    """Contract key of QuantLinear `name`'s weight (its nn.Linear's)."""
+    return weight_key(C.canonical_name(name))
+
+
+# ---------------------------------------------------------------------- the pure step function
+def quzo_update(layers: list[QuantLinear], record: StepRecord, config: QuZOConfig, cache: dict | None = None,
+                backend: str = "auto") -> int:
+    """The weight change of one logged step (no forward): what QuZO.step and replay both run. Returns the
+    number of saturated elements. Without a step cache: one update kernel per layer, the saturation
+    counters read once at the end (one host sync per device)."""
+    if record.skipped:
+        return 0
+    coeffs = tuple(g / config.n_queries for g in record.grads)
+    lr = record.lr[0]
+    if lr == 0.0:
+        return 0
+    if cache is not None:
+        return sum(QO.apply_update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update,
+                                    config.dist, cache) for m in layers)
+    counters: dict = {}
+    for m in layers:
+        dev = m.qweight.device
+        if dev not in counters:
+            counters[dev] = QO.new_counter(dev)
+        QO.update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update, config.dist,
+                   saturated=counters[dev], backend=backend)
+    return sum(int(c) for c in counters.values())
+
+
+apply_record = quzo_update
+
+
+class QuZO(ZOOptimizer):
     """Zeroth-order SGD on the quantized weights of a model's QuantLinear layers (QuZO).
 
     `model` may already be quantized (zokernels.quant.quantize_model); otherwise pass fmt= and it is
@@ -100,7 +119,18 @@ class QuZO(torch.optim.Optimizer):
     the reference backend the step caches each layer's z and Q1 offsets instead (cache_directions), which
     is faster there; results are bitwise the same with Rademacher z (Gaussian z may differ by float32 ulps
     between backends, see docs/perturbation.md).
+
+    `opt.log` is a zokernels.FineTuneLog (optimizer "quzo": seeds, mu_q, lr and saturation counts per step);
+    `opt.log.save(path)` + `zokernels.replay(base_quantized_model, path)` rebuild the trained weights bitwise.
     """
+
+    NAME, TITLE = "quzo", "QuZO"
+    HYPERS = ("lr",)
+    RECORD = QuZORecord
+    MULTI_PROCESS = False
+    MULTI_PROCESS_REFUSAL = ("no multi-process support (no seed broadcast, no loss all-reduce: the replicas would "
+                             "diverge); run it in one process, or train float parameters on the quantized base "
+                             "with ZOSGD (ZOTrainer zo_method='zosgd')")
 
     def __init__(self, model: torch.nn.Module, lr: float, eps: float = 1e-3, *, fmt: str | None = None,
                  n_queries: int = 1, seed: int | None = None, update: str = "single", act_sr: bool = False,
@@ -110,20 +140,15 @@ class QuZO(torch.optim.Optimizer):
         if not isinstance(model, torch.nn.Module):
             raise TypeError("QuZO takes the model (an nn.Module holding QuantLinear layers, or one to quantize "
                             "with fmt=...)")
-        check_number(lr, "lr", lambda v: v >= 0, ">= 0")
-        check_number(eps, "eps", lambda v: v > 0, "> 0")
-        if distributed.resolve_group(None) is not None:
-            raise NotImplementedError("QuZO has no multi-process support (no seed broadcast, no loss all-reduce: "
-                                      "the replicas would diverge); run it in one process, or train float "
-                                      "parameters on the quantized base with ZOSGD (ZOTrainer zo_method='zosgd')")
-        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= C.MAX_QUERIES:
-            raise ValueError(f"n_queries must be an int in [1, {C.MAX_QUERIES}], got {n_queries!r}")
+        check_lr(lr)
+        check_eps(eps)
+        self._init_seed(seed)   # refuses a multi-process world
+        check_n_queries(n_queries)
         if update not in QO.UPDATE_FORMS:
             raise ValueError(f"update must be one of {QO.UPDATE_FORMS}, got {update!r}")
         if probe not in PROBES:
             raise ValueError(f"probe must be one of {PROBES}, got {probe!r}")
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
+        check_choice(nonfinite, "nonfinite", ("skip", "raise"))
         C.check_dist(dist)
         self.quant_report = None
         layers = quant_layers(model)
@@ -144,24 +169,18 @@ class QuZO(torch.optim.Optimizer):
         if act_sr and not any(m.resolved_matmul(m.qweight.device) in ("w8a8", "fp8") for _, m in layers):
             raise ValueError("act_sr=True needs layers that quantize their activations: quantize_model(..., "
                              "matmul='w8a8' (int8) or 'fp8'), or matmul='auto' on CUDA")
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
-        self.base_seed = C.check_u64(seed, "seed")
         self.model = model
         self.nonfinite = nonfinite
         self._names = [n for n, _ in layers]
         self._layers = [m for _, m in layers]
         for n, m in layers:
-            m.key = weight_key(C.canonical_name(n))
+            m.key = layer_key(n)
         keys = [m.key for m in self._layers]
         if len(set(keys)) != len(keys):
             raise ValueError("two QuantLinear layers share a contract key (same canonical name)")
         self.config = QuZOConfig(eps=as_float(eps), n_queries=n_queries, update=update, probe=probe,
                                  act_sr=bool(act_sr), dist=dist, fmt=",".join(sorted(fmts)))
-        self._building = True
-        super().__init__([{"params": [m.qweight for m in self._layers]}], dict(lr=lr))
-        self._building = False
-        self._step = 0
+        self._init_groups([{"params": [m.qweight for m in self._layers]}], dict(lr=lr))
         # Keep each layer's z and Q1 offsets for the step (the - probe and the update reuse them): 3
         # Philox passes per layer and query instead of 7. Costs 8 bytes per weight element (z float32 +
         # offsets int32) while the step runs, so by default only where Philox is the slow reference (CPU).
@@ -173,17 +192,7 @@ class QuZO(torch.optim.Optimizer):
             cache_directions = all(d.type == "cpu" and QO.quant_backend(d, backend).NAME == "reference"
                                    for d in devices)
         self.cache_directions = bool(cache_directions)
-        self.log = QuZOLog(asdict(self.config), self.base_seed, list(self._names),
-                           base_fingerprint=quantized_fingerprint(self._names, self._layers))
-
-    def add_param_group(self, param_group: dict) -> None:
-        if not getattr(self, "_building", False):
-            raise NotImplementedError("QuZO fixes its layers at construction; build a new optimizer instead")
-        super().add_param_group(param_group)
-
-    @property
-    def steps_taken(self) -> int:
-        return self._step
+        self._new_log([self._names], dict(zip(self._names, keys)), quantized_fingerprint(self._names, self._layers))
 
     # ------------------------------------------------------------------ probes
     @contextlib.contextmanager
@@ -229,111 +238,117 @@ class QuZO(torch.optim.Optimizer):
         return losses[0], losses[1], sat
 
     # ------------------------------------------------------------------ step
-    def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> torch.Tensor:
-        """One QuZO step; closure() runs a forward and returns a scalar loss. Returns the mean probe loss."""
-        if closure is None:
-            raise ValueError("QuZO.step needs a closure returning the loss (called 2 * n_queries times)")
+    def _zo_step(self, closure, seed: int, lrs, wds) -> float:
         cfg = self.config
-        seed = C.step_seed(self.base_seed, self._step)
-        for g in self.param_groups:  # a scheduler or the user may have changed it since the last step
-            check_number(g["lr"], "lr", lambda x: x >= 0, ">= 0")
-        lrs = tuple(as_float(g["lr"]) for g in self.param_groups)
         plus, minus, sat = [], [], 0
         cache = {} if self.cache_directions else None
-        with torch.no_grad(), self._eval_mode():
-            for q in range(cfg.n_queries):
-                lp, lm, s = self.projected_grad(closure, seed, q, cache=cache)
-                plus.append(lp)
-                minus.append(lm)
-                sat += s
-            loss = sum(plus + minus) / (2 * cfg.n_queries)
-            grads = tuple((p - m) / (2.0 * cfg.eps) for p, m in zip(plus, minus))
-            if not all(math.isfinite(g) for g in grads) or not math.isfinite(loss):
-                self._commit(QuZORecord(seed, (math.nan,) * cfg.n_queries, lrs, True, sat))
-                msg = f"QuZO step {self._step - 1}: non-finite loss or gradient {grads}; step skipped"
-                if self.nonfinite == "raise":
-                    raise NonFiniteLoss(msg)
-                warnings.warn(msg, RuntimeWarning, stacklevel=user_stacklevel())
-                return torch.tensor(loss, dtype=torch.float32)
-            record = QuZORecord(seed, grads, lrs, False, sat)
-            record.update_saturated = apply_record(self._layers, record, cfg, cache, self.backend)
-        self._commit(record)
-        return torch.tensor(loss, dtype=torch.float32)
+        for q in range(cfg.n_queries):
+            lp, lm, s = self.projected_grad(closure, seed, q, cache=cache)
+            plus.append(lp)
+            minus.append(lm)
+            sat += s
+        loss = sum(plus + minus) / (2 * cfg.n_queries)
+        grads = tuple((p - m) / (2.0 * cfg.eps) for p, m in zip(plus, minus))
+        if not all(math.isfinite(g) for g in grads) or not math.isfinite(loss):
+            self._commit(QuZORecord(seed, (math.nan,) * cfg.n_queries, lrs, wds, skipped=True, probe_saturated=sat))
+            return self._warn_or_raise(f"non-finite loss or gradient {grads}", loss)
+        record = QuZORecord(seed, grads, lrs, wds, probe_saturated=sat)
+        updated = quzo_update(self._layers, record, cfg, cache, self.backend)
+        self._commit(dataclasses.replace(record, update_saturated=updated))
+        return loss
 
-    def _commit(self, record: QuZORecord) -> None:
-        self.log.steps.append(record)
-        self._step += 1
+    # ------------------------------------------------------------------ ZOOptimizer hooks
+    def _saved_log(self, extra: dict) -> FineTuneLog:
+        if "log" in extra:
+            return super()._saved_log(extra)
+        # a state_dict of zokernels up to commit e04bf6d: the steps as dicts, the base's fingerprint apart
+        log = FineTuneLog(dict(self.log.header, base_seed=str(int(extra["base_seed"])),
+                               base_fingerprint=extra.get("base_fingerprint")))
+        log.steps = [_legacy_record(r) for r in extra["steps"]]
+        return log
 
-    def _eval_mode(self):
-        return eval_mode(self.model)
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["quzo"] = {"base_seed": self.base_seed, "step": self._step, "config": asdict(self.config),
-                      "steps": [asdict(r) for r in self.log.steps],
-                      "base_fingerprint": self.log.base_fingerprint}
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("quzo", None)
-        if extra is None:
-            raise ValueError("not a QuZO state dict (no 'quzo' entry)")
-        if extra["config"] != asdict(self.config):
-            raise ValueError(f"QuZO config differs from the saved one: {extra['config']} vs {asdict(self.config)}")
-        super().load_state_dict(state_dict)
-        self.base_seed = int(extra["base_seed"])
-        self._step = int(extra["step"])
-        self.log.steps = [QuZORecord(**{**r, "grads": tuple(r["grads"]), "lr": tuple(r["lr"])})
-                          for r in extra["steps"]]
-        # the base the run started from, not the (trained) weights this optimizer was built on
-        self.log.base_fingerprint = extra.get("base_fingerprint")
+    def _check_saved_log(self, log: FineTuneLog) -> None:
+        if log.names != self._names:
+            raise ValueError("the saved optimizer trained other layers (layer names differ)")
+        super()._check_saved_log(log)
 
 
-def apply_record(layers: list[QuantLinear], record: QuZORecord, config: QuZOConfig,
-                 cache: dict | None = None, backend: str = "auto") -> int:
-    """The weight change of one logged step (no forward): what QuZO.step and replay_quzo both run.
-    Returns the number of saturated elements. Without a step cache: one update kernel per layer, the
-    saturation counters read once at the end (one host sync per device)."""
-    if record.skipped:
-        return 0
-    coeffs = tuple(g / config.n_queries for g in record.grads)
-    lr = record.lr[0]
-    if lr == 0.0:
-        return 0
-    if cache is not None:
-        return sum(QO.apply_update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update,
-                                    config.dist, cache) for m in layers)
-    counters: dict = {}
-    for m in layers:
-        dev = m.qweight.device
-        if dev not in counters:
-            counters[dev] = QO.new_counter(dev)
-        QO.update_(m.qw, record.seed, m.key, coeffs, lr, config.eps, config.update, config.dist,
-                   saturated=counters[dev], backend=backend)
-    return sum(int(c) for c in counters.values())
-
-
-def replay_quzo(model: torch.nn.Module, log: QuZOLog, backend: str = "auto") -> None:
-    """Re-apply a QuZO log to the base quantized model (same quantization), bitwise, without forwards
-    (with Gaussian z, bitwise on the backend that trained; another backend may differ by float32 ulps of z)."""
+# ---------------------------------------------------------------------- replay
+def bind_replay(model: torch.nn.Module, log: FineTuneLog, backend: str = "auto") -> list[QuantLinear]:
+    """What zokernels.replay changes for a QuZO log: the model's QuantLinear layers the log names, checked
+    against the log's key table and the fingerprint of the quantized base (format, bits, scales)."""
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError("replay of a QuZO log needs the (quantized) model, an nn.Module")
     layers = dict(quant_layers(model))
-    missing = [n for n in log.names if n not in layers]
+    names = log.names
+    missing = [n for n in names if n not in layers]
     if missing:
         raise LogMismatch(f"layers of the log are not in the model: {missing[:5]}")
-    mods = [layers[n] for n in log.names]
-    if int(log.contract_version) != C.CONTRACT_VERSION:
-        raise LogMismatch(f"the log was written under perturbation contract v{log.contract_version}; this "
-                          f"zokernels implements v{C.CONTRACT_VERSION}: its z differ, replay would be wrong")
+    mods = [layers[n] for n in names]
+    bad = [n for n, k in log.keys.items() if layer_key(n) != k]
+    if bad:
+        raise LogMismatch(f"the log's key table does not match the layers' contract keys for {bad[:5]}: written "
+                          "by an incompatible zokernels")
     if log.base_fingerprint is None:
-        warnings.warn("replay_quzo: the log has no base fingerprint (written before they were recorded): "
-                      "the model cannot be checked to be the base training started from", stacklevel=2)
-    elif diff := fingerprint_diff(quantized_fingerprint(log.names, mods), log.base_fingerprint):
+        warnings.warn("replay: the QuZO log has no base fingerprint (written before they were recorded): "
+                      "the model cannot be checked to be the base training started from",
+                      stacklevel=user_stacklevel())
+    elif diff := fingerprint_diff(quantized_fingerprint(names, mods), log.base_fingerprint):
         raise LogMismatch(f"this is not the quantized base the log started from: {len(diff)} tensors differ "
                           f"(format, bits or scales), e.g. {diff[:4]}")
-    for n, m in zip(log.names, mods):
-        m.key = weight_key(C.canonical_name(n))
-    config = QuZOConfig(**log.config)
-    with torch.no_grad():
-        for record in log.steps:
-            apply_record(mods, record, config, backend=backend)
+    for n, m in zip(names, mods):
+        m.key = layer_key(n)
+    return mods
+
+
+def _apply_step(layers: list[QuantLinear], record: StepRecord, config: QuZOConfig, backend: str) -> None:
+    quzo_update(layers, record, config, backend=backend)
+
+
+register_optimizer(QuZO.NAME, config_type=QuZOConfig, bind=bind_replay, apply_step=_apply_step,
+                   record_type=QuZORecord)
+
+
+def replay_quzo(model: torch.nn.Module, log, backend: str = "auto") -> FineTuneLog:
+    """Deprecated: zokernels.replay(model, log) replays every optimizer's log, QuZO's included."""
+    from ..log import replay
+
+    warnings.warn("replay_quzo is deprecated: use zokernels.replay(model, log)", DeprecationWarning,
+                  stacklevel=user_stacklevel())
+    return replay(model, log, backend)
+
+
+# ---------------------------------------------------------------------- the JSON log of older versions
+def _legacy_record(r: dict) -> QuZORecord:
+    lr = tuple(float(x) for x in r["lr"])
+    return QuZORecord(seed=int(r["seed"]), grads=tuple(float(g) for g in r["grads"]), lr=lr, wd=(0.0,) * len(lr),
+                      skipped=bool(r.get("skipped", False)), probe_saturated=int(r.get("probe_saturated", 0)),
+                      update_saturated=int(r.get("update_saturated", 0)))
+
+
+def from_json_log(data: dict) -> FineTuneLog:
+    """The quzo_log.json of zokernels up to commit e04bf6d (zokernels.hf.tuning.save_quzo_log, format
+    "zokernels.quzo_log" v1: config, base_seed, names, steps, contract_version, base_fingerprint) as a log."""
+    if int(data.get("version", 1)) != 1:
+        raise LogMismatch(f"QuZO JSON log version {data.get('version')} is not supported (this zokernels reads v1)")
+    names = list(data["names"])
+    steps = [_legacy_record(r) for r in data["steps"]]
+    config = QuZOConfig(**data["config"])
+    lr = steps[0].lr[0] if steps else 0.0
+    header = new_header(optimizer=QuZO.NAME, config=dataclasses.asdict(config),
+                        groups=[{"names": names, "lr": lr, "weight_decay": 0.0}],
+                        keys={n: layer_key(n) for n in names}, base_seed=int(data["base_seed"]),
+                        fingerprint=data.get("base_fingerprint"), record_type=QuZORecord)
+    header["contract_version"] = int(data.get("contract_version", 1))
+    return FineTuneLog(header, steps)
+
+
+register_json_reader("zokernels.quzo_log", from_json_log)
+
+
+def __getattr__(name: str):
+    if name == "QuZOLog":
+        warnings.warn("zokernels.optim.quzo.QuZOLog is deprecated: QuZO logs are zokernels.FineTuneLog",
+                      DeprecationWarning, stacklevel=2)
+        return FineTuneLog
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,32 +2,26 @@
 from __future__ import annotations
 
 import math
-import os
 import warnings
-from dataclasses import asdict
-from typing import Callable
 
 import torch
 
 from .. import contract as C
 from .. import distributed
 from .. import ops
-from ..log import FineTuneLog, base_fingerprint, new_header, resolved_backends
+from ..log import LogMismatch, base_fingerprint, check_contract, fingerprint_diff, named_tensors, register_optimizer
 from ..mazo.masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
-from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
-from ..step import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace,
-                     apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
-                     projected_grads)
+from ..step import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace, apply_step,
+                    apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
+                    projected_grads)
+from .base import NonFiniteLoss, ZOOptimizer, check_choice, check_eps, check_lr, check_n_queries
+from .common import scalar_loss, user_stacklevel
 
 SUPPORTED_DTYPES = ops.FLOAT_DTYPES  # one list of trainable dtypes: the ops contract
 
 
-class NonFiniteLoss(FloatingPointError):
-    """A probe's loss was NaN or infinite (nonfinite='raise'); the weights were left as before the step."""
-
-
-class ZOSGD(torch.optim.Optimizer):
+class ZOSGD(ZOOptimizer):
     """Zeroth-order SGD with SPSA gradient estimates (MeZO, Malladi et al. 2023), forward only.
 
     Step t (seed s_t = contract.step_seed(seed, t)), queries q < Q = n_queries, z_q = contract z:
@@ -91,32 +85,29 @@ class ZOSGD(torch.optim.Optimizer):
     config and log: resuming gives the same trajectory bitwise.
     """
 
+    NAME, TITLE = "zosgd", "ZOSGD"
+    HYPERS = ("lr", "weight_decay")
+    MULTI_PROCESS = True
+
     def __init__(self, params, lr: float, eps: float = 1e-3, weight_decay: float = 0.0, n_queries: int = 1,
                  dist: str = "gaussian", seed: int | None = None, backend: str = "auto", *,
                  model: torch.nn.Module | None = None, probe: str = "auto", one_sided: bool = False,
                  probe_rounding: str = "stochastic", update_rounding: str = "stochastic",
                  nonfinite: str = "skip", verify_probes: str = "first", process_group=None,
                  spread_queries: bool = False, masks=None):
-        check_number(lr, "lr", lambda v: v >= 0, ">= 0")
-        check_number(weight_decay, "weight_decay", lambda v: v >= 0, ">= 0")
-        check_number(eps, "eps", lambda v: v > 0, "> 0")
-        if isinstance(n_queries, bool) or not isinstance(n_queries, int) or not 1 <= n_queries <= C.MAX_QUERIES:
-            raise ValueError(f"n_queries must be an int in [1, {C.MAX_QUERIES}], got {n_queries!r}")
+        check_lr(lr)
+        check_lr(weight_decay, "weight_decay")
+        check_eps(eps)
+        check_n_queries(n_queries)
         C.check_dist(dist)
         C.check_rounding(probe_rounding)
         C.check_rounding(update_rounding)
-        if nonfinite not in ("skip", "raise"):
-            raise ValueError(f"nonfinite must be 'skip' or 'raise', got {nonfinite!r}")
-        if verify_probes not in ("first", "always", "never"):
-            raise ValueError(f"verify_probes must be 'first', 'always' or 'never', got {verify_probes!r}")
+        check_choice(nonfinite, "nonfinite", ("skip", "raise"))
+        check_choice(verify_probes, "verify_probes", ("first", "always", "never"))
         if probe not in ("auto",) + PROBE_MODES:
             raise ValueError(f"probe must be 'auto' or one of {PROBE_MODES}, got {probe!r}")
-        seed_given = seed is not None
-        if seed is None:
-            seed = int.from_bytes(os.urandom(8), "little")  # never torch's global RNG
-        self._group = distributed.resolve_group(process_group)  # None: no collective at all
+        self._init_seed(seed, process_group)
         self.spread_queries = bool(spread_queries)
-        self.base_seed = self._agreed_seed(C.check_u64(seed, "seed"), seed_given)
 
         if isinstance(params, torch.nn.Module):
             model = params if model is None else model
@@ -129,13 +120,7 @@ class ZOSGD(torch.optim.Optimizer):
         for device in {t.device for g in groups for t in g["params"]}:
             ops.select_backend(device, backend)  # raises BackendUnavailable with the reason
 
-        self._building = True
-        super().__init__(groups, dict(lr=lr, weight_decay=weight_decay))
-        self._building = False
-        for g in self.param_groups:
-            check_number(g["lr"], "lr", lambda v: v >= 0, ">= 0")
-            check_number(g["weight_decay"], "weight_decay", lambda v: v >= 0, ">= 0")
-
+        self._init_groups(groups, dict(lr=lr, weight_decay=weight_decay))
         self.model = model
         self.backend = backend
         self.nonfinite = nonfinite
@@ -160,73 +145,23 @@ class ZOSGD(torch.optim.Optimizer):
         # what each device's ops run with: replay warns when it resolves to another backend (not bitwise then)
         self._backends = resolved_backends(self._table, backend)
         self._verified = False
-        self._step = 0
-        header_groups = [{"names": list(n), "lr": float(g["lr"]), "weight_decay": float(g["weight_decay"])}
-                         for n, g in zip(names, self.param_groups)]
-        self.log = FineTuneLog(new_header(config=self.config, groups=header_groups, keys=self.keys,
-                                          base_seed=self.base_seed,
-                                          fingerprint=base_fingerprint(
-                                              zip(flat_names, distributed.full_tensors(tensors)))))
-        self.log.header["backends"] = dict(self._backends)
-        if self._table.masks is not None:  # replay refuses other masks
-            self.log.header["masks"] = masks_fingerprint((n, m) for n, m in zip(flat_names, self._table.masks)
-                                                         if m is not None)
+        mask_fp = {} if self._table.masks is None else masks_fingerprint(
+            (n, m) for n, m in zip(flat_names, self._table.masks) if m is not None)  # replay refuses other masks
+        self._new_log(names, self.keys, base_fingerprint(zip(flat_names, distributed.full_tensors(tensors))),
+                      backends=dict(self._backends), masks=mask_fp)
 
-    # ------------------------------------------------------------------ torch.optim.Optimizer API
-    def add_param_group(self, param_group: dict) -> None:
-        if not getattr(self, "_building", False):
-            raise NotImplementedError("ZOSGD fixes its parameters at construction (they define the log's "
-                                      "key table); build a new optimizer instead")
-        super().add_param_group(param_group)
+    # ------------------------------------------------------------------ ZOOptimizer hooks
+    def _extra_state(self) -> dict:
+        return {"whole_forward_swap": sorted(self._names[i] for i in self._prober.whole)
+                if self._prober is not None and self.config.probe == "hooks" else []}
 
-    @property
-    def steps_taken(self) -> int:
-        return self._step
-
-    def step(self, closure: Callable[[], torch.Tensor | float] | None = None) -> torch.Tensor:
-        """One ZO step; closure() runs a forward and returns a scalar loss. Returns the mean probe loss."""
-        if closure is None:
-            raise ValueError("ZOSGD.step needs a closure: a function that runs a forward and returns the "
-                             "loss (it is called 2 * n_queries times per step, under torch.no_grad())")
-        seed = C.step_seed(self.base_seed, self._step)
-        for g in self.param_groups:  # a scheduler or the user may have changed them since the last step
-            check_number(g["lr"], "lr", lambda x: x >= 0, ">= 0")
-            check_number(g["weight_decay"], "weight_decay", lambda x: x >= 0, ">= 0")
-        lrs = tuple(as_float(g["lr"]) for g in self.param_groups)
-        wds = tuple(as_float(g["weight_decay"]) for g in self.param_groups)
-        with torch.no_grad(), self._eval_mode():
-            if self.config.probe == "inplace":
-                loss = self._inplace_step(closure, seed, lrs, wds)
-            else:
-                loss = self._drift_free_step(closure, seed, lrs, wds)
-        return torch.tensor(loss, dtype=torch.float32)
-
-    def state_dict(self) -> dict:
-        sd = super().state_dict()
-        sd["zosgd"] = {"base_seed": self.base_seed, "step": self._step, "config": asdict(self.config),
-                       "whole_forward_swap": sorted(self._names[i] for i in self._prober.whole)
-                       if self._prober is not None and self.config.probe == "hooks" else [],
-                       "log": self.log.state()}
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        state_dict = dict(state_dict)
-        extra = state_dict.pop("zosgd", None)
-        if extra is None:
-            raise ValueError("not a ZOSGD state dict (no 'zosgd' entry)")
-        if extra["config"] != asdict(self.config):
-            diff = {k: (v, asdict(self.config)[k]) for k, v in extra["config"].items()
-                    if asdict(self.config).get(k) != v}
-            raise ValueError(f"ZOSGD config differs from the saved one (saved, now): {diff}")
-        log = FineTuneLog.from_state(extra["log"])
+    def _check_saved_log(self, log) -> None:
         if log.header.get("masks", {}) != self.log.header.get("masks", {}):
             raise ValueError("the saved optimizer trained other masks (mask fingerprints differ)")
-        if log.keys != self.keys:
-            raise ValueError("the saved optimizer has other parameters (key tables differ)")
-        super().load_state_dict(state_dict)
-        self.base_seed = int(extra["base_seed"])
-        self._step = int(extra["step"])
-        self.log = log
+        super()._check_saved_log(log)
+
+    def _after_load(self, extra: dict) -> None:
+        log = self.log
         before = log.header.get("backends")
         if before is not None and before != self._backends:
             warnings.warn(f"ZOSGD: the saved steps ran the ops with backend {before}, the steps from here run with "
@@ -237,22 +172,16 @@ class ZOSGD(torch.optim.Optimizer):
             self._prober.whole |= {index[n] for n in extra["whole_forward_swap"]}
         self._verified = False
 
-    # ------------------------------------------------------------------ internals
-    def _eval_mode(self):
-        return eval_mode(self.model)
+    def _zo_step(self, closure, seed: int, lrs, wds) -> float:
+        if self.config.probe == "inplace":
+            return self._inplace_step(closure, seed, lrs, wds)
+        return self._drift_free_step(closure, seed, lrs, wds)
 
+    # ------------------------------------------------------------------ internals
     def _forward(self, closure) -> float:
         with torch.no_grad(), distributed.fresh_gather(self._fsdp):
             loss = closure()
         return scalar_loss(loss)
-
-    def _agreed_seed(self, seed: int, given: bool) -> int:
-        """Group rank 0's seed on every rank: all ranks must draw the same z."""
-        agreed = distributed.broadcast_seed(seed, self._group)
-        if given and agreed != seed:
-            warnings.warn(f"ZOSGD: this rank's seed {seed} differs from rank 0's; using rank 0's {agreed} "
-                          "so that all replicas draw the same perturbations", stacklevel=user_stacklevel())
-        return agreed
 
     def _check_spread(self) -> None:
         if not self.spread_queries:
@@ -382,23 +311,12 @@ class ZOSGD(torch.optim.Optimizer):
         self._commit(record)
         return loss
 
-    def _commit(self, record: StepRecord) -> None:
-        self.log.append(record)
-        self._step += 1
-
     def _record_dropped(self, seed: int, lrs, wds, stop: int) -> None:
         self._commit(StepRecord(seed, (math.nan,) * self.config.n_queries, lrs, wds, skipped=True, stop=stop))
 
     def _skip(self, seed: int, lrs, wds, stop: int, value: float, what: str) -> float:
         self._record_dropped(seed, lrs, wds, stop)
         return self._warn_or_raise(f"{what} is {value}", value)
-
-    def _warn_or_raise(self, message: str, loss: float) -> float:
-        message = f"ZOSGD step {self._step - 1}: {message}; the step was skipped (weights unchanged)"
-        if self.nonfinite == "raise":
-            raise NonFiniteLoss(message)
-        warnings.warn(message, RuntimeWarning, stacklevel=user_stacklevel())
-        return loss
 
 
 # ---------------------------------------------------------------------- parameter collection
@@ -490,3 +408,75 @@ def _check_param(t: torch.Tensor, name: str) -> None:
         raise ValueError(f"parameter {name} is on the meta device (e.g. offloaded by accelerate's device_map "
                          "'cpu'/'disk'); ZO perturbs weights where they live: place every trainable weight on "
                          "a real device, or shard the model with FSDP2")
+
+
+# ---------------------------------------------------------------------- replay
+def resolved_backends(params: ParamTable, backend: str) -> dict[str, str]:
+    """{device type: the backend `backend` resolves to there} for the devices of the dense tensors, and
+    {"<device type> masked": ...} for the masked ones (the masked ops may fall back to another backend)."""
+    masks = params.masks or [None] * len(params.tensors)
+    out = {}
+    for t, m in zip(params.tensors, masks):
+        kind = t.device.type if m is None else f"{t.device.type} masked"
+        if kind not in out:
+            mod = ops.select_backend(t.device, backend) if m is None else ops._masked_backend(t.device, backend)
+            out[kind] = mod.NAME
+    return dict(sorted(out.items()))
+
+
+def check_log(log, named: list[tuple[str, torch.Tensor]]) -> ParamTable:
+    """The ParamTable of `named` for this ZOSGD log; raises LogMismatch if the log is not for these weights."""
+    check_contract(log)
+    keys = log.keys
+    bad = [n for n, k in keys.items() if C.param_key(n) != k]
+    if bad:
+        raise LogMismatch(f"the log's key table does not match param_key() for {bad[:5]} "
+                          f"({len(bad)} names): written by an incompatible zokernels")
+    by_key: dict[int, torch.Tensor] = {}
+    for name, t in named:
+        by_key.setdefault(C.param_key(name), t)
+    missing = [n for n, k in keys.items() if k not in by_key]
+    if missing:
+        raise LogMismatch(f"{len(missing)} logged parameters are not in the given model, e.g. {missing[:5]}")
+    diff = fingerprint_diff(base_fingerprint((n, by_key[k]) for n, k in keys.items()), log.base_fingerprint)
+    if diff:
+        raise LogMismatch(f"these are not the base weights the log started from: {len(diff)} parameters "
+                          f"differ (shape, dtype or values), e.g. {diff[:5]}")
+    tensors, tkeys, group_of = [], [], []
+    for gi, names in enumerate(log.group_names):
+        for n in names:
+            tensors.append(by_key[keys[n]])
+            tkeys.append(keys[n])
+            group_of.append(gi)
+    return ParamTable(tensors, tkeys, group_of)
+
+
+def _attach_masks(log, params: ParamTable, masks) -> None:
+    """params.masks from `masks`, checked against the log's mask fingerprint (MaZO)."""
+    names = log.names
+    table = resolve_masks(masks, names, params.tensors) if masks else None
+    got = masks_fingerprint((n, m) for n, m in zip(names, table or []) if m is not None)
+    want = log.header.get("masks", {})
+    if got != want:
+        raise LogMismatch("the masks given to replay are not the ones training used (mask fingerprints differ"
+                          + ("; training used masks: pass masks=..." if want and not got else "") + ")")
+    params.masks = table
+
+
+def bind_replay(model_or_named_params, log, backend: str = "auto", *, masks=None) -> ParamTable:
+    """What zokernels.replay changes for a ZOSGD log: the ParamTable of the base weights (checked against the
+    log's key table, base and mask fingerprints), with the masks training used. Warns when `backend`
+    resolves to another backend than training's (the rebuild is then not bitwise)."""
+    params = check_log(log, named_tensors(model_or_named_params))
+    _attach_masks(log, params, masks)
+    trained = log.header.get("backends")
+    now = resolved_backends(params, backend)
+    if trained is not None and trained != now:
+        warnings.warn(f"replay: training ran the ops with backend {trained}, this replay with {now}: the weights "
+                      "will match to float32 rounding (~1e-7 relative), not bitwise; replay on the training "
+                      "device with backend=... for a bitwise rebuild", stacklevel=user_stacklevel())
+    return params
+
+
+register_optimizer(ZOSGD.NAME, config_type=StepConfig, bind=bind_replay, apply_step=apply_step,
+                   record_type=StepRecord)
