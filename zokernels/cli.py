@@ -6,6 +6,9 @@ small parameter subset and a short schedule (see CPU_DEFAULTS for what and why);
 MeZO schedule over all parameters in bfloat16. Reports zero-shot and fine-tuned test accuracy with a
 McNemar test and writes metrics.json, training_curves.png, finetune_log.npz, run_config.json and the
 model (or, with --save-model no, only the log plus the command that rebuilds the model from it).
+
+This module parses and checks the options, prepares --output-dir (--overwrite, --resume) and runs the
+stages of zokernels.hf.pipeline (load, quantize, cache, evaluate, train, baseline, report) in order.
 """
 from __future__ import annotations
 
@@ -13,13 +16,14 @@ import argparse
 import json
 import math
 import os
-import resource
 import shutil
 import sys
 import time
 from typing import Sequence
 
+from .hf import pipeline as stages
 from .hf.errors import ZOError
+from .hf.pipeline import ZERO_SHOT_FILE, make_progress_callback
 from .hf.tuning import QUZO_LOG_FILE, ZOSGD_LOG_FILE
 
 # CPU, 2 cores: a forward of this model costs ~0.24 s per example, so ZO over the whole model cannot
@@ -36,7 +40,8 @@ CPU_DEFAULTS = dict(tune="final-norm", dtype="float32", lr=0.2, lr_scheduler="li
                     eval_examples=400, dev_eval_examples=100, eval_every=100, max_text_tokens=48, eval_batch_size=32,
                     probe="swap", logging_steps=10, fo_lr=1e-2, save_steps=0)
 # GPU: MeZO (Malladi et al. 2023) full-parameter schedule: 20k steps, batch 16, eps 1e-3, lr 1e-6, bf16.
-GPU_DEFAULTS = dict(tune="all", dtype="bfloat16", lr=1e-6, lr_scheduler="constant", eps=1e-3, max_steps=20000, batch_size=16,
+GPU_DEFAULTS = dict(tune="all", dtype="bfloat16", lr=1e-6, lr_scheduler="constant", eps=1e-3, max_steps=20000,
+                    batch_size=16,
                     n_queries=1, train_examples=1000, dev_examples=500, test_examples=1000,
                     eval_examples=0, dev_eval_examples=0, eval_every=1000, max_text_tokens=64, eval_batch_size=64,
                     probe="auto", logging_steps=10, fo_lr=1e-5, save_steps=1000)
@@ -59,15 +64,11 @@ TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "lora": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
                  "last-layers": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
-ZERO_SHOT_FILE = "zero_shot.json"  # the zero-shot results, reused by --resume
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
 RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", ZOSGD_LOG_FILE, QUZO_LOG_FILE,
                "model", "trainer", "trainer_fo", ZERO_SHOT_FILE)
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
-
-DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN = "text", "sentiment"
-DEFAULT_LABELS = ("positive", "negative")
 
 
 class _OneLineParser(argparse.ArgumentParser):
@@ -171,19 +172,38 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ----------------------------------------------------------------------------- configuration
 def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) -> dict:
+    """The run's configuration (what run_config.json records): per-device defaults, the given options, checked."""
+    device = _resolve_device(args.device)
+    cfg = _with_defaults(args, device)
+    _check_options(cfg, args, parser)
+    _check_numbers(cfg, parser)
+    return cfg
+
+
+def _resolve_device(device: str) -> str:
     import torch
 
-    device = args.device
     if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    elif device == "cuda" and not torch.cuda.is_available():
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
         raise ZOError("--device cuda: no CUDA GPU is available (torch.cuda.is_available() is False)")
+    return device
+
+
+def _is_quzo(quant: str, tune: str) -> bool:
+    return quant != "none" and tune in QUZO_MODES
+
+
+def _with_defaults(args: argparse.Namespace, device: str) -> dict:
+    """Device defaults, then QuZO's on CPU or the tuned set's (TUNE_DEFAULTS), then --smoke, then the options
+    given; --quant-matmul auto resolved and the comma lists split."""
     cfg = dict(GPU_DEFAULTS if device == "cuda" else CPU_DEFAULTS)
-    quzo = args.quant != "none" and (args.tune or cfg["tune"]) in QUZO_MODES
+    tune = args.tune or cfg["tune"]
+    quzo = _is_quzo(args.quant, tune)
     if quzo and device == "cpu":
         cfg.update(QUZO_CPU_DEFAULTS)
     if not quzo:
-        cfg.update(TUNE_DEFAULTS[args.tune or cfg["tune"]])
+        cfg.update(TUNE_DEFAULTS[tune])
     if args.smoke:
         cfg.update(SMOKE)
     for key in list(cfg):
@@ -196,12 +216,32 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
                 "quant_group_size", "float_zero_shot", "overwrite"):
         cfg[key] = getattr(args, key)
     cfg["device"] = device
-    from .quant.linear import AUTO_MATMUL, MATMUL_FORMAT
+    cfg["quant_matmul"] = _resolve_matmul(args.quant_matmul, cfg["quant"], device)
+    if args.eval_examples and args.dev_eval_examples is None:  # "--eval-examples 8": a quick run, dev too
+        cfg["dev_eval_examples"] = min(cfg["dev_eval_examples"] or args.eval_examples, args.eval_examples)
+    cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
+    cfg["tune_linears"] = [t.strip() for t in args.tune_linears.split(",") if t.strip()]
+    return cfg
 
-    matmul = args.quant_matmul
-    if matmul == "auto":  # resolved here so that run_config.json (and rebuild_model) record the path used
-        matmul = AUTO_MATMUL.get(cfg["quant"], "dequant") if device == "cuda" else "dequant"
-    cfg["quant_matmul"] = matmul if cfg["quant"] != "none" else None
+
+def _resolve_matmul(matmul: str, quant: str, device: str) -> str | None:
+    """--quant-matmul with auto resolved, so that run_config.json (and rebuild_model) record the path used;
+    None without --quant."""
+    from .quant.linear import AUTO_MATMUL
+
+    if quant == "none":
+        return None
+    if matmul == "auto":
+        return AUTO_MATMUL.get(quant, "dequant") if device == "cuda" else "dequant"
+    return matmul
+
+
+def _check_options(cfg: dict, args: argparse.Namespace, parser: argparse.ArgumentParser) -> None:
+    """Options that do not go together (a usage error, exit code 2)."""
+    from .quant.linear import MATMUL_FORMAT
+
+    quzo = _is_quzo(cfg["quant"], cfg["tune"])
+    matmul = args.quant_matmul  # auto always resolves to the format's own path or dequant
     if matmul in MATMUL_FORMAT and cfg["quant"] != MATMUL_FORMAT[matmul]:
         parser.error(f"--quant-matmul {matmul} needs --quant {MATMUL_FORMAT[matmul]}, got --quant {cfg['quant']}")
     if cfg["quant"] == "int4" and cfg["quant_group_size"] not in (32, 64, 128):  # quant.formats.GROUP_SIZES
@@ -214,12 +254,12 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         raise ZOError("--weight-decay: QuZO (--quant with --tune all / last-layers) has no weight decay")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir, --overwrite replaces it: pick one")
-    if args.eval_examples and args.dev_eval_examples is None:  # "--eval-examples 8": a quick run, dev too
-        cfg["dev_eval_examples"] = min(cfg["dev_eval_examples"] or args.eval_examples, args.eval_examples)
-    cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
-    cfg["tune_linears"] = [t.strip() for t in args.tune_linears.split(",") if t.strip()]
     if cfg["tune_linears"] and cfg["tune"] != "last-layers":
         parser.error("--tune-linears applies to --tune last-layers only")
+
+
+def _check_numbers(cfg: dict, parser: argparse.ArgumentParser) -> None:
+    """Counts, rates and names in range (a usage error, exit code 2)."""
     positive = ("max_steps", "batch_size", "n_queries", "train_examples", "max_text_tokens", "eval_batch_size",
                 "grad_accum", "lora_r", "tune_layers")
     for key in positive:
@@ -238,9 +278,8 @@ def resolve_config(args: argparse.Namespace, parser: argparse.ArgumentParser) ->
         parser.error(f"--lr-scheduler must be one of {', '.join(schedulers)}; got {cfg['lr_scheduler']!r}")
     if cfg["test_examples"] < 1:
         parser.error("--test-examples must be >= 1 (the test accuracy is the result)")
-    if cfg["dtype"] == "float16" and device == "cpu":
+    if cfg["dtype"] == "float16" and cfg["device"] == "cpu":
         raise ZOError("--dtype float16 is not supported on CPU; use float32 or bfloat16")
-    return cfg
 
 
 def _scheduler_names() -> list[str]:
@@ -306,398 +345,53 @@ def check_resumable(out: str, cfg: dict) -> str:
     return last
 
 
-def _load_zero_shot(out: str, n_test: int) -> dict | None:
-    """The zero-shot results an interrupted run saved (None if absent or not for this test split)."""
-    try:
-        with open(os.path.join(out, ZERO_SHOT_FILE)) as fh:
-            saved = json.load(fh)
-    except (OSError, ValueError):
-        return None
-    return saved if len(saved.get("test_correct", ())) == n_test else None
-
-
 def _is_within(path: str, parent: str) -> bool:
     path, parent = os.path.realpath(path), os.path.realpath(parent)
     return path == parent or path.startswith(parent.rstrip(os.sep) + os.sep)
 
 
-def parse_verbalizer(spec: str | None, labels: Sequence[str]) -> dict[str, str]:
-    if not spec:
-        return {lab: f" {lab}" for lab in labels}
-    out = {}
-    for item in spec.split(","):
-        if "=" not in item:
-            raise ZOError(f"--verbalizer items must be label=word, got {item!r}")
-        lab, word = item.split("=", 1)
-        out[lab.strip()] = word
-    missing = [lab for lab in labels if lab not in out]
-    if missing:
-        raise ZOError(f"--verbalizer has no word for labels {missing}")
-    return {lab: out[lab] for lab in labels}
-
-
-def load_task_data(cfg: dict):
-    from .hf.data import DEFAULT_CORPUS_ENCODING, balanced_splits, default_corpus_file, read_examples
-    from .hf.scoring import DEFAULT_TEMPLATE, PromptTask
-
-    default_data = cfg["data"] is None
-    path = default_corpus_file() if default_data else cfg["data"]
-    text_col = cfg["text_column"] or DEFAULT_TEXT_COLUMN
-    label_col = cfg["label_column"] or (DEFAULT_LABEL_COLUMN if default_data else "label")
-    encoding = cfg["encoding"] or (DEFAULT_CORPUS_ENCODING if default_data else None)
-    examples = read_examples(path, text_col, label_col, encoding=encoding)
-    if cfg["labels"]:
-        labels = [lab.strip() for lab in cfg["labels"].split(",") if lab.strip()]
-    elif default_data:
-        labels = list(DEFAULT_LABELS)
-    else:
-        labels = sorted({e.label for e in examples})
-        if not 2 <= len(labels) <= 20:
-            raise ZOError(f"the label column {label_col!r} has {len(labels)} distinct values; choose 2-20 "
-                          "with --labels")
-    if len(labels) < 2:
-        raise ZOError("--labels needs at least two labels")
-    task = PromptTask(template=cfg["template"] or DEFAULT_TEMPLATE,
-                      verbalizer=parse_verbalizer(cfg["verbalizer"], labels),
-                      max_text_tokens=cfg["max_text_tokens"])
-    sizes = {"train": cfg["train_examples"], "dev": cfg["dev_examples"], "test": cfg["test_examples"]}
-    splits = balanced_splits(examples, labels, sizes, seed=cfg["seed"])
-    if cfg["eval_examples"]:
-        splits["test"] = splits["test"][:cfg["eval_examples"]]
-    if cfg["dev_eval_examples"]:
-        splits["dev"] = splits["dev"][:cfg["dev_eval_examples"]]
-    return str(path), task, splits
-
-
-# ----------------------------------------------------------------------------- progress and plots
-def peak_memory_mib(device: str) -> float:
-    import torch
-
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-
-
-def make_progress_callback(device: str, desc: str, enabled: bool):
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
-
-    class ProgressBar(TrainerCallback):
-        """tqdm bar: steps/s and ETA (tqdm's own), last loss, peak memory; dev accuracy lines."""
-
-        def __init__(self):
-            self.bar, self.loss = None, float("nan")
-
-        def on_train_begin(self, args, state, control, **kw):
-            if enabled:
-                self.bar = tqdm(total=state.max_steps, initial=state.global_step, desc=desc, unit="step",
-                                dynamic_ncols=True, file=sys.stderr)
-
-        def on_step_end(self, args, state, control, **kw):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
-                post = {"peak_mem": f"{peak_memory_mib(device):.0f}MiB"}
-                if self.loss == self.loss:  # known (not NaN)
-                    post = {"loss": f"{self.loss:.4f}", **post}
-                self.bar.set_postfix(post, refresh=False)
-
-        def on_log(self, args, state, control, logs=None, **kw):
-            logs = logs or {}
-            if "loss" in logs:
-                self.loss = float(logs["loss"])
-            if "eval_accuracy" in logs:
-                line = f"step {state.global_step}: dev accuracy {logs['eval_accuracy']:.4f}"
-                (self.bar.write if self.bar is not None else print)(line)
-
-        def on_train_end(self, args, state, control, **kw):
-            if self.bar is not None:
-                self.bar.close()
-
-    return ProgressBar()
-
-
-def write_plot(path: str, curves: dict, zero_shot: dict, final: dict) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, c in curves.items():
-        if c["loss"]:
-            ax_loss.plot(*zip(*c["loss"]), label=f"{name} train loss", lw=1)
-        if c["dev_accuracy"]:
-            ax_acc.plot(*zip(*c["dev_accuracy"]), marker="o", label=f"{name} dev accuracy")
-    if zero_shot.get("dev") is not None:
-        ax_acc.axhline(zero_shot["dev"], color="gray", ls="--", label="zero-shot dev")
-    if zero_shot.get("test") is not None:
-        ax_acc.axhline(zero_shot["test"], color="black", ls=":", label="zero-shot test")
-    for name, acc in final.items():
-        ax_acc.scatter([max((s for c in curves.values() for s, _ in c["loss"]), default=0)], [acc],
-                       marker="*", s=120, label=f"{name} test")
-    ax_loss.set_xlabel("step"), ax_loss.set_ylabel("loss")
-    if ax_loss.get_legend_handles_labels()[0]:  # a 2-step smoke run may log no loss point
-        ax_loss.legend(fontsize=8)
-    ax_acc.set_xlabel("step"), ax_acc.set_ylabel("accuracy"), ax_acc.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def curves_from_history(history: list[dict]) -> dict:
-    return {"loss": [(h["step"], h["loss"]) for h in history if "loss" in h],
-            "dev_accuracy": [(h["step"], h["eval_accuracy"]) for h in history if "eval_accuracy" in h]}
-
-
 # ----------------------------------------------------------------------------- the run
-class _ListDataset:
-    def __init__(self, items):
-        self.items = list(items)
-
-    def __len__(self):
-        return len(self.items)
-
-    def __getitem__(self, i):
-        return self.items[i]
-
-
-def _training_args(cfg: dict, output_dir: str, lr: float, eval_on: bool):
-    from transformers import TrainingArguments
-
-    import torch
-
-    eval_every = cfg["eval_every"] if eval_on else 0
-    kwargs = dict(output_dir=output_dir, max_steps=cfg["max_steps"], per_device_train_batch_size=cfg["batch_size"],
-                  per_device_eval_batch_size=cfg["eval_batch_size"], gradient_accumulation_steps=cfg["grad_accum"],
-                  learning_rate=lr, weight_decay=cfg["weight_decay"], lr_scheduler_type=cfg["lr_scheduler"],
-                  warmup_steps=0, logging_steps=cfg["logging_steps"], report_to=[], seed=cfg["seed"],
-                  data_seed=cfg["seed"], remove_unused_columns=False, disable_tqdm=True,
-                  eval_strategy="steps" if eval_every else "no", eval_steps=eval_every or None,
-                  save_strategy="steps" if cfg["save_steps"] else "no", save_steps=cfg["save_steps"] or 500,
-                  save_total_limit=1,
-                  use_cpu=cfg["device"] == "cpu", dataloader_num_workers=0)
-    if cfg["device"] == "cuda" and not torch.cuda.is_available():  # pragma: no cover
-        raise ZOError("no CUDA device")
-    return TrainingArguments(**kwargs)
+def open_output_dir(cfg: dict) -> str | None:
+    """--resume: the checkpoint to continue from (check_resumable); else --output-dir made ready for a new run
+    (prepare_output_dir) and None."""
+    out = cfg["output_dir"]
+    if cfg.get("resume"):
+        resume_from = check_resumable(out, cfg)
+        print(f"resuming from {resume_from}")
+        return resume_from
+    prepare_output_dir(out, cfg.get("overwrite", False), inputs=(cfg.get("model"), cfg.get("data")))
+    return None
 
 
-def _accuracy_metric(eval_pred):
-    import numpy as np
-
-    scores, labels = eval_pred.predictions, eval_pred.label_ids
-    return {"accuracy": float((np.asarray(scores).argmax(-1) == np.asarray(labels)).mean())}
-
-
-def _swap_progress(trainer, callback):
-    from transformers import PrinterCallback, ProgressCallback
-
-    for cb in (PrinterCallback, ProgressCallback):
-        trainer.remove_callback(cb)
-    trainer.add_callback(callback)
+def write_run_config(cfg: dict) -> None:
+    with open(os.path.join(cfg["output_dir"], "run_config.json"), "w") as fh:
+        json.dump(cfg, fh, indent=1)
 
 
 def run(cfg: dict) -> dict:
-    import torch
-    from transformers import set_seed
+    """One fine-tuning run: the stages of zokernels.hf.pipeline in order; returns the metrics."""
+    started = time.time()
+    resume_from = open_output_dir(cfg)
+    loaded = stages.load(cfg)
+    saved = stages.load_zero_shot(cfg["output_dir"], len(loaded.splits["test"])) if resume_from is not None else None
+    float_test = saved.float_test if saved is not None else stages.float_zero_shot(cfg, loaded)
+    tuned = stages.quantize(cfg, loaded.model)
+    stages.cache(cfg, tuned.model)
+    print(stages.describe(cfg, loaded, tuned))
+    write_run_config(cfg)
+    zero_shot = stages.zero_shot(cfg, tuned.model, loaded, float_test, saved)
+    start = stages.trainable_state(tuned.model) if cfg["baseline"] == "fo" else None
+    zo = stages.train(cfg, tuned, loaded, zero_shot, _progress(cfg, "ZO fine-tune"), resume_from)
+    log_file = stages.save(cfg, tuned, loaded.tokenizer, zo.log)
+    peak = stages.peak_memory_mib(cfg["device"])
+    fo = stages.baseline(cfg, tuned.model, loaded, start, zero_shot, zo, _progress(cfg, "FO AdamW baseline")) \
+        if start is not None else None
+    return stages.report(stages.RunState(cfg, loaded, tuned, zero_shot, zo, log_file, peak_memory_mib=peak, fo=fo,
+                                         started=started))
 
-    from .hf.data import load_model_and_tokenizer
-    from .hf.scoring import (FrozenTrunkCache, LayerInputCache, VerbalizerCollator, VerbalizerObjective,
-                             evaluate_accuracy)
-    from .hf.stats import mcnemar
-    from .hf.trainer import FOTrainer, ZOTrainer
-    from .hf.tuning import (last_layers, quantize_for_tuning, save_quzo_log,
-                            select_trainable, trainable_count)
 
-    t_start = time.time()
-    out = cfg["output_dir"]
-    resume_from = check_resumable(out, cfg) if cfg.get("resume") else None
-    if resume_from is None:
-        prepare_output_dir(out, cfg.get("overwrite", False), inputs=(cfg.get("model"), cfg.get("data")))
-    say = print
-    if resume_from is not None:
-        say(f"resuming from {resume_from}")
-
-    def bar(desc: str) -> str | None:  # evaluation progress bars (a CPU zero-shot pass takes minutes)
-        return None if cfg.get("no_progress") else desc
-    data_path, task, splits = load_task_data(cfg)
-    say(f"data: {data_path}: train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])} "
-        f"examples; labels {task.labels}")
-
-    set_seed(cfg["seed"])
-    dtype = getattr(torch, cfg["dtype"])
-    t0 = time.time()
-    model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype=dtype)
-    model.config.use_cache = False
-    model.to(cfg["device"])
-    t_load = time.time() - t0
-    collator = VerbalizerCollator(tokenizer, task)
-    objective = VerbalizerObjective(cfg["objective"])
-    ebs = cfg["eval_batch_size"]
-    quant, tune = cfg.get("quant", "none"), cfg["tune"]
-    zs_float = None
-    cached = _load_zero_shot(out, len(splits["test"])) if resume_from is not None else None
-    if cached is not None:
-        zs_float = cached.get("float_test")
-    elif quant != "none" and cfg.get("float_zero_shot", "yes") == "yes":
-        t0 = time.time()
-        zs_float = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("zero-shot (float), test"))[0]
-        say(f"zero-shot of the float model (before --quant {quant}): test accuracy {zs_float:.4f} "
-            f"({time.time() - t0:.1f}s)")
-    model = select_trainable(model, tune, lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
-                             lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
-                             tune_layers=cfg.get("tune_layers", 1), tune_linears=tuple(cfg["tune_linears"]) or None)
-    quant_report, quzo_layers = None, None
-    n_total = trainable_count(model)[1]  # before --quant turns linear weights into buffers
-    if quant != "none":
-        quant_report, quzo_layers = quantize_for_tuning(model, quant, tune, group_size=cfg["quant_group_size"],
-                                                        matmul=cfg["quant_matmul"], tune_layers=cfg["tune_layers"],
-                                                        tune_linears=tuple(cfg["tune_linears"]) or None)
-        head, emb = model.get_output_embeddings(), model.get_input_embeddings()
-        tied = head is not None and emb is not None and head.weight is emb.weight
-        say(str(quant_report) + f"; matmul {cfg['quant_matmul']}; lm_head stays {cfg['dtype']}"
-            + (" (tied to the embeddings)" if tied else ""))
-        if quzo_layers is not None:
-            say(f"QuZO trains the {quant} weights of {len(quzo_layers)} linear layers ({tune}); norms, embeddings "
-                "and lm_head are frozen")
-        else:
-            say(f"ZOSGD trains the float {tune} parameters on the frozen {quant} base")
-    n_train = trainable_count(model)[0]
-    if quzo_layers is not None:
-        n_train = sum(model.get_submodule(n).in_features * model.get_submodule(n).out_features for n in quzo_layers)
-    if cfg.get("cache_trunk", "auto") == "auto" and tune == "final-norm":
-        model.zo_trunk_cache = FrozenTrunkCache(model)
-        say("frozen trunk: decoder states are computed once per example (only the final norm is tuned)")
-    elif cfg.get("cache_trunk", "auto") == "auto" and tune == "last-layers" and last_layers(model, cfg["tune_layers"])[0]:
-        first, _ = last_layers(model, cfg["tune_layers"])
-        model.zo_trunk_cache = LayerInputCache(model, first)
-        say(f"frozen trunk: the input states of decoder layer {first} are computed once per example (layers "
-            f"{first}.. are tuned)")
-    what = f"{quant} weights (QuZO)" if quzo_layers is not None else "params"
-    say(f"model: {cfg['model'] or 'SmolLM2-135M-Instruct (GGUF)'}: {type(model).__name__}, {n_total / 1e6:.1f}M params, "
-        f"{cfg['dtype']} on {cfg['device']}, loaded in {t_load:.1f}s; ZO tunes {tune}: {n_train:,} {what}")
-    run_config = {k: v for k, v in cfg.items()}
-    with open(os.path.join(out, "run_config.json"), "w") as fh:
-        json.dump(run_config, fh, indent=1)
-
-    t0 = time.time()
-    if cached is not None:
-        zs_test, zs_test_correct, zs_dev = cached["test"], cached["test_correct"], cached["dev"]
-        say(f"zero-shot results of the interrupted run reused ({ZERO_SHOT_FILE})")
-    else:
-        zs_test, zs_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs,
-                                                     progress=bar("zero-shot, test"))
-        zs_dev = evaluate_accuracy(model, collator, splits["dev"], ebs, progress=bar("zero-shot, dev"))[0] \
-            if splits["dev"] else None
-        with open(os.path.join(out, ZERO_SHOT_FILE), "w") as fh:
-            json.dump({"test": zs_test, "test_correct": zs_test_correct, "dev": zs_dev, "float_test": zs_float}, fh)
-    t_zero_shot = time.time() - t0
-    say(f"zero-shot{f' ({quant} model)' if quant != 'none' else ''}: test accuracy {zs_test:.4f}"
-        + (f", dev {zs_dev:.4f}" if zs_dev is not None else "") + f" ({t_zero_shot:.1f}s)")
-    base_trainable = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad} \
-        if cfg["baseline"] == "fo" else None
-
-    eval_on = bool(splits["dev"]) and cfg["eval_every"] > 0
-    trainer = ZOTrainer(model=model, args=_training_args(cfg, os.path.join(out, "trainer"), cfg["lr"], eval_on),
-                        train_dataset=_ListDataset(splits["train"]),
-                        eval_dataset=_ListDataset(splits["dev"]) if eval_on else None,
-                        data_collator=collator, compute_metrics=_accuracy_metric, objective=objective,
-                        zo_eps=cfg["eps"], zo_n_queries=cfg["n_queries"], zo_seed=cfg["seed"], zo_probe=cfg["probe"],
-                        zo_method="zosgd" if quzo_layers is None else "quzo", zo_quant_layers=quzo_layers)
-    _swap_progress(trainer, make_progress_callback(cfg["device"], "ZO fine-tune", not cfg.get("no_progress")))
-    t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
-    t_train = time.time() - t0
-    zo = trainer.zo_optimizer
-
-    t0 = time.time()
-    ft_test, ft_test_correct = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("fine-tuned, test"))
-    t_final_eval = time.time() - t0
-    test_vs_zero_shot = mcnemar(zs_test_correct, ft_test_correct)
-    say(f"fine-tuned: test accuracy {ft_test:.4f} (zero-shot {zs_test:.4f}, {100 * (ft_test - zs_test):+.1f} points; "
-        f"McNemar exact p = {test_vs_zero_shot['p_value']:.3g})")
-
-    if quzo_layers is not None:
-        log_file = QUZO_LOG_FILE
-        save_quzo_log(zo.log, os.path.join(out, log_file))
-    else:
-        log_file = ZOSGD_LOG_FILE
-        zo.log.save(os.path.join(out, log_file))
-    if cfg["save_model"] == "yes" and quant != "none":
-        # QuantLinear modules are not a transformers architecture: save the state dict (int8/int4/fp8
-        # buffers); rebuild_model(out) gives the module tree it loads into.
-        os.makedirs(os.path.join(out, "model"), exist_ok=True)
-        torch.save(model.state_dict(), os.path.join(out, "model", "quantized_state_dict.pt"))
-        tokenizer.save_pretrained(os.path.join(out, "model"))
-        say(f"quantized model state saved to {os.path.join(out, 'model', 'quantized_state_dict.pt')} (load it into "
-            f"the module tree of zokernels.hf.rebuild_model({out!r}), or use that directly)")
-    elif cfg["save_model"] == "yes":
-        model.save_pretrained(os.path.join(out, "model"))
-        tokenizer.save_pretrained(os.path.join(out, "model"))
-        say(f"model saved to {os.path.join(out, 'model')}")
-    else:
-        say("model not saved; rebuild it from the base model and the fine-tune log with:\n"
-            f"  python -c \"from zokernels.hf import rebuild_model; m, t = rebuild_model({out!r}); "
-            f"m.save_pretrained({os.path.join(out, 'model')!r}); t.save_pretrained({os.path.join(out, 'model')!r})\"")
-
-    curves = {"ZO": curves_from_history(trainer.state.log_history)}
-    final = {"ZO": ft_test}
-    metrics = {
-        "config": run_config, "data": data_path, "labels": task.labels, "template": task.template,
-        "verbalizer": dict(task.verbalizer), "trainable_params": n_train, "total_params": n_total,
-        "n_test": len(splits["test"]), "n_dev": len(splits["dev"]),
-        "zero_shot": {"test_accuracy": zs_test, "dev_accuracy": zs_dev,
-                      "model": f"{quant}-quantized (the model that is fine-tuned)" if quant != "none" else cfg["dtype"],
-                      "float_model_test_accuracy": zs_float},
-        "zo": {"test_accuracy": ft_test, "gain_points": 100 * (ft_test - zs_test), "mcnemar_vs_zero_shot": test_vs_zero_shot,
-               "steps": trainer.state.global_step, "dev_accuracy": curves["ZO"]["dev_accuracy"],
-               "train_loss": curves["ZO"]["loss"], "train_seconds": t_train,
-               "peak_memory_mib": peak_memory_mib(cfg["device"])},
-        "optimizer": "QuZO" if quzo_layers is not None else "ZOSGD", "log_file": log_file,
-        "seconds": {"load": t_load, "zero_shot_eval": t_zero_shot, "train": t_train, "final_eval": t_final_eval},
-    }
-
-    if quant_report is not None:
-        metrics["quant"] = {"fmt": quant, "group_size": cfg["quant_group_size"] if quant == "int4" else None,
-                            "matmul": cfg["quant_matmul"], "layers": len(quant_report.layers),
-                            "linear_bytes_before": quant_report.bytes_before,
-                            "linear_bytes_after": quant_report.bytes_after,
-                            "model_bytes_before": quant_report.model_bytes_before,
-                            "model_bytes_after": quant_report.model_bytes_after,
-                            "quzo_layers": quzo_layers}
-    if cfg["baseline"] == "fo":
-        with torch.no_grad():
-            for n, p in model.named_parameters():
-                if n in base_trainable:
-                    p.copy_(base_trainable[n])
-        set_seed(cfg["seed"])
-        fo_trainer = FOTrainer(model=model, args=_training_args(cfg, os.path.join(out, "trainer_fo"), cfg["fo_lr"],
-                                                                eval_on),
-                               train_dataset=_ListDataset(splits["train"]),
-                               eval_dataset=_ListDataset(splits["dev"]) if eval_on else None,
-                               data_collator=collator, compute_metrics=_accuracy_metric,
-                               objective=VerbalizerObjective("ce" if cfg["objective"] == "accuracy"
-                                                             else cfg["objective"]))
-        _swap_progress(fo_trainer, make_progress_callback(cfg["device"], "FO AdamW baseline", not cfg.get("no_progress")))
-        t0 = time.time()
-        fo_trainer.train()
-        t_fo = time.time() - t0
-        fo_test, fo_correct = evaluate_accuracy(model, collator, splits["test"], ebs, progress=bar("first-order, test"))
-        curves["FO"] = curves_from_history(fo_trainer.state.log_history)
-        final["FO"] = fo_test
-        metrics["fo"] = {"test_accuracy": fo_test, "gain_points": 100 * (fo_test - zs_test),
-                         "mcnemar_vs_zero_shot": mcnemar(zs_test_correct, fo_correct),
-                         "mcnemar_vs_zo": mcnemar(ft_test_correct, fo_correct), "lr": cfg["fo_lr"],
-                         "train_seconds": t_fo, "dev_accuracy": curves["FO"]["dev_accuracy"],
-                         "train_loss": curves["FO"]["loss"]}
-        say(f"FO AdamW baseline: test accuracy {fo_test:.4f} ({t_fo:.0f}s training)")
-
-    plot_path = os.path.join(out, "training_curves.png")
-    write_plot(plot_path, curves, {"dev": zs_dev, "test": zs_test}, final)
-    metrics["seconds"]["total"] = time.time() - t_start
-    with open(os.path.join(out, "metrics.json"), "w") as fh:
-        json.dump(metrics, fh, indent=1)
-    say(f"wrote {out}/metrics.json, training_curves.png, {log_file} ({metrics['seconds']['total']:.0f}s total)")
-    return metrics
+def _progress(cfg: dict, desc: str):
+    return make_progress_callback(cfg["device"], desc, not cfg.get("no_progress"))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
