@@ -28,7 +28,7 @@ from .. import contract as C
 from .. import distributed
 from ..log import FineTuneLog, new_header
 from ..step import StepRecord
-from .common import as_float, check_number, eval_mode, scalar_loss, user_stacklevel
+from .common import as_float, check_number, eval_mode, user_stacklevel
 
 NONFINITE = ("skip", "raise")
 
@@ -60,7 +60,8 @@ def check_choice(value, what: str, choices) -> None:
 class ZOOptimizer(torch.optim.Optimizer):
     """Base of the ZO optimizers; see the module docstring. A subclass sets NAME (log header "optimizer",
     state_dict entry, replay registry name), TITLE (in messages), HYPERS (param-group numbers >= 0 checked
-    at every step; those absent are logged as 0) and MULTI_PROCESS, and implements _zo_step."""
+    at every step; those absent are logged as 0), RECORD (its StepRecord type), MULTI_PROCESS and the
+    attributes config, model, nonfinite, and implements _zo_step."""
 
     NAME = ""
     TITLE = ""
@@ -71,7 +72,7 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ construction helpers
     def _init_seed(self, seed: int | None, process_group=None) -> None:
-        """self._group (None: no collective at all) and self.base_seed, the same on every rank."""
+        """self._group (None: no collective at all), self.base_seed (the same on every rank), step count 0."""
         group = distributed.resolve_group(process_group)
         if group is not None and not self.MULTI_PROCESS:
             raise NotImplementedError(f"{self.TITLE} has {self.MULTI_PROCESS_REFUSAL}")
@@ -182,10 +183,6 @@ class ZOOptimizer(torch.optim.Optimizer):
 
     def _eval_mode(self):
         return eval_mode(self.model)
-
-    def _forward(self, closure) -> float:
-        with torch.no_grad():
-            return scalar_loss(closure())
 
     def _commit(self, record: StepRecord) -> None:
         self.log.append(record)

@@ -63,6 +63,11 @@ def quantized_fingerprint(names: list[str], layers: list[QuantLinear]) -> dict:
     return base_fingerprint(named)
 
 
+def _backend_name(backend) -> str:
+    """quant.ops.quant_backend's answer as a name (a backend module has .NAME, a name is itself)."""
+    return getattr(backend, "NAME", backend)
+
+
 def layer_key(name: str) -> int:
     """Contract key of QuantLinear `name`'s weight (its nn.Linear's)."""
     return weight_key(C.canonical_name(name))
@@ -189,7 +194,7 @@ class QuZO(ZOOptimizer):
         for dev in devices:
             QO.quant_backend(dev, backend)   # fail here, not mid-step, if the backend cannot run
         if cache_directions is None:
-            cache_directions = all(d.type == "cpu" and QO.quant_backend(d, backend).NAME == "reference"
+            cache_directions = all(d.type == "cpu" and _backend_name(QO.quant_backend(d, backend)) == "reference"
                                    for d in devices)
         self.cache_directions = bool(cache_directions)
         self._new_log([self._names], dict(zip(self._names, keys)), quantized_fingerprint(self._names, self._layers))
