@@ -167,7 +167,7 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
             zo_record("mezo", "inplace", "torch", stats)
         del mezo
 
-        backend = ops.select_backend(dev).NAME
+        backend = ops.backend_name("zo_update_", dev)
         ours = OursInPlace(params, cfg.eps, cfg.lr, cfg.weight_decay, backend="auto")
         stats = measure("ZO step ours-ops in-place", lambda: ours.step(closure))
         if stats:

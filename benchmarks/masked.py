@@ -120,11 +120,9 @@ def run_masked(cfg: Config, res: Results) -> None:
     copy_gbps = res.data["copy_bandwidth"]["gbps"]
     backends, checks = [], Results({}, {})
     for name in usable_backends(cfg, checks):
-        mod = registry.require(name, dev)
-        if not all(hasattr(mod, op) for op in ops.MASKED_OPS):
-            # zokernels.ops would fall back to another backend: timing it under this name would mislead
-            res.skip(f"masked {name}", f"backend {name} has no masked kernels (ops fall back to "
-                     f"{registry.auto(dev, needs=ops.MASKED_OPS).NAME})")
+        reason = next(filter(None, (registry.why_not(op, name, dev) for op in ops.MASKED_OPS)), None)
+        if reason is not None:
+            res.skip(f"masked {name}", reason)
             continue
         backends.append(name)
     for s in checks.data["skipped"]:

@@ -104,9 +104,9 @@ def rng_rates(cfg: Config, res: Results, backends: list[str], copy_gbps: float) 
         if name == "reference" and n > cfg.reference_max_numel:
             res.skip(f"rng {name}", f"{n} elements > --reference-max-numel {cfg.reference_max_numel}")
             continue
-        mod = registry.require(name, dev)
+        fill = registry.resolve("perturbation", dev, name).fn
         cases.append(("fill_perturbation gaussian", name,
-                      lambda mod=mod: mod.fill_perturbation(out, SEED, 12345, 0, C.STREAM_Z, "gaussian", 0)))
+                      lambda fill=fill: fill(out, SEED, 12345, 0, C.STREAM_Z, "gaussian", 0)))
     for kernel, backend, fn in cases:
         try:
             t = time_adaptive(fn, dev, cfg.warmup, cfg.repeats, cfg.case_seconds)

@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
                                             restore_scale=1e-3, backend=b),
         "perturbed_copy": lambda: ops.perturbed_copy(x, seed, 1e-3, key, outs=[out], backend=b),
         "update_q16": lambda: ops.zo_update_(x, seed, key, [0.03] * 16, 1e-6, rounding="nearest", backend=b),
-        "fill_perturbation": lambda: registry.require(b, dev).fill_perturbation(z32, seed, key, 0, C.STREAM_Z,
-                                                                                  "gaussian", 0),
+        "fill_perturbation": lambda: registry.resolve("perturbation", dev, b).fn(z32, seed, key, 0, C.STREAM_Z,
+                                                                                   "gaussian", 0),
     }
     fn = calls[args.kernel]
     fn()  # JIT / autotune outside the profiled range

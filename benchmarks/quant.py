@@ -33,9 +33,9 @@ from __future__ import annotations
 import torch
 
 from zokernels import quant
+from zokernels.backends import registry
+from zokernels.backends.triton import quant_matmul as T
 from zokernels.quant import matmul as MM
-from zokernels.quant import ops as QO
-from zokernels.quant import triton_linear as T
 
 from .config import Config
 from .record import Results
@@ -71,7 +71,7 @@ def matmul_shapes(cfg: Config) -> list[tuple[str, int, int, int]]:
 def _triton_skip(kind: str, dev: torch.device) -> str | None:
     if dev.type == "cpu":
         return "Triton on CPU runs in the interpreter, a correctness tool: not benchmarked"
-    return T.unavailable_reason(dev, kind)
+    return registry.why_not(f"{kind}_matmul", "triton", dev)
 
 
 def run_matmuls(cfg: Config, res: Results) -> None:
@@ -99,7 +99,7 @@ def run_matmul_shape(cfg: Config, res: Results, name: str, m: int, n: int, k: in
     q8 = quant.quantize_weight(w, "int8")
     q4 = quant.quantize_weight(w, "int4", group_size=INT4_GROUP)
     qf = quant.quantize_weight(w, "fp8")
-    xq8, xs8 = QO.quantize_activations(x, None)
+    xq8, xs8 = MM.quantize_activations(x, None)
     xqf, xsf = MM.quantize_activations_fp8(x)
     refs: dict[str, torch.Tensor] = {}
 
@@ -140,15 +140,15 @@ def run_matmul_shape(cfg: Config, res: Results, name: str, m: int, n: int, k: in
     # W8A8
     case("W8A8 triton", "int8", "kernel",
          lambda: T.w8a8(xq8, xs8, q8.q, q8.scale, bias, out_dtype=torch.bfloat16), _triton_skip("w8a8", dev))
-    case("W8A8 torch._int_mm", "int8", "kernel", lambda: QO.w8a8_matmul(xq8, xs8, q8.q, q8.scale, bias, "torch"),
-         None if QO.int_mm_available(dev) else "torch._int_mm unavailable here", "int32 out, epilogue in torch")
+    case("W8A8 torch._int_mm", "int8", "kernel", lambda: MM.w8a8_matmul(xq8, xs8, q8.q, q8.scale, bias, "torch"),
+         registry.why_not("w8a8_matmul", "torch", dev), "int32 out, epilogue in torch")
     # FP8
     case("FP8 triton", "fp8", "kernel",
          lambda: T.fp8(xqf, xsf, qf.q, qf.scale, bias, out_dtype=torch.bfloat16), _triton_skip("fp8", dev))
     case("FP8 triton fast-accum", "fp8", "kernel", lambda: T.fp8(xqf, xsf, qf.q, qf.scale, bias,
                                                                out_dtype=torch.bfloat16, fast_accum=True),
          _triton_skip("fp8", dev), "sm_90 fp8 sums never promoted to float32 (Triton's default)")
-    no_scaled = None if MM.scaled_mm_available(dev) else "torch._scaled_mm does not run e4m3 here"
+    no_scaled = registry.why_not("fp8_matmul", "torch", dev)
     case("FP8 torch._scaled_mm", "fp8", "kernel",
          lambda: MM.fp8_matmul(xqf, xsf, qf.q, qf.scale, bias, "torch", out_dtype=torch.bfloat16), no_scaled,
          "unit scales, fp32 out, epilogue in torch")

@@ -397,14 +397,14 @@ def test_gpu_mixed_dtypes_launch_once_per_group():
 
 @pytest.mark.gpu
 def test_gpu_under_compute_sanitizer():
-    """memcheck over every op (zokernels/backends/cuda/selfcheck.py), when compute-sanitizer is installed."""
+    """memcheck over every op (zokernels/selfcheck.py), when compute-sanitizer is installed."""
     _gpu_backend()
     tool = shutil.which("compute-sanitizer")
     if tool is None:
         pytest.skip("compute-sanitizer is not on PATH")
     env = dict(os.environ, PYTORCH_NO_CUDA_MEMORY_CACHING="1")  # one cudaMalloc per tensor: overruns are seen
     run = subprocess.run([tool, "--tool", "memcheck", "--error-exitcode", "3", sys.executable, "-m",
-                          "zokernels.backends.cuda.selfcheck"], capture_output=True, text=True, timeout=600, env=env)
+                          "zokernels.selfcheck"], capture_output=True, text=True, timeout=600, env=env)
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
 

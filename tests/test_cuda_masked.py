@@ -141,9 +141,9 @@ def test_host_masked_perturb_and_copy(backend, cuda_z, one_thread, dtype, roundi
     same, ref = _reference(cuda_z, ops.masked_perturb_, theta, masks, seed, scale, group.keys, query=query, dist=dist,
                            offsets=group.offsets, rounding=rounding, sr_stream=sr)
     scratch = [torch.full_like(t, 3.0) for t in theta]
-    backend.masked_perturb_(group, masks, scratch, seed, scale, query, dist, rounding, sr)  # persistent scratch
+    backend.masked.masked_perturb_(group, masks, scratch, seed, scale, query, dist, rounding, sr)  # persistent scratch
     before = backend.LAUNCHES["masked_perturb_"]
-    backend.masked_perturb_(group, masks, None, seed, scale, query, dist, rounding, sr)
+    backend.masked.masked_perturb_(group, masks, None, seed, scale, query, dist, rounding, sr)
     assert backend.LAUNCHES["masked_perturb_"] == before + 1  # three formats, two index dtypes: one launch
 
     for got, out, w, dn, sm, r, m in zip(group.tensors, scratch, theta, dense, same, ref, masks):
@@ -171,7 +171,7 @@ def test_host_masked_zo_update(backend, cuda_z, one_thread, dtype, rounding, dis
     same, ref = _reference(cuda_z, ops.masked_zo_update_, theta, masks, spec.seed, group.keys, spec.coeffs, lrs, wds,
                            dist=dist, offsets=group.offsets, rounding=rounding, restore_scale=restore, restore_query=1)
     before = backend.LAUNCHES["masked_zo_update_"]
-    backend.masked_zo_update_(group, masks, spec)
+    backend.masked.masked_zo_update_(group, masks, spec)
     assert backend.LAUNCHES["masked_zo_update_"] == before + 1
 
     for got, w, dn, sm, r, m in zip(group.tensors, theta, dense, same, ref, masks):
@@ -187,7 +187,7 @@ def test_host_masked_without_queries_is_masked_weight_decay(backend):
     w = _theta((17, 1037), torch.float32, g)
     m = _random_blocks(w.shape, 0.3, 16, g)
     got = w.clone()
-    backend.masked_zo_update_(Group([got], [1], [5], [0.5], [0.1]), [m], UpdateSpec(2, (), "gaussian", "nearest", 3))
+    backend.masked.masked_zo_update_(Group([got], [1], [5], [0.5], [0.1]), [m], UpdateSpec(2, (), "gaussian", "nearest", 3))
     d = m.dense()
     assert torch.equal(got[d], (w - (w * 0.1) * 0.5)[d]) and torch.equal(got[~d], w[~d])
 
@@ -199,7 +199,7 @@ def test_host_masked_empty_and_full_masks(backend):
     empty = ParamMask("rows", (4, 9), torch.empty(4, 0, dtype=torch.int16))
     full = ParamMask("rows", (6, 37), torch.arange(37, dtype=torch.int16).repeat(6, 1).contiguous())
     ga, gb = a.clone(), b.clone()
-    backend.masked_perturb_(Group([ga, gb], [1, 2], [0, 7]), [empty, full], None, 3, 0.1, 0, "gaussian",
+    backend.masked.masked_perturb_(Group([ga, gb], [1, 2], [0, 7]), [empty, full], None, 3, 0.1, 0, "gaussian",
                             "stochastic", C.STREAM_PROBE_SR_POS)
     dense = b.clone()
     backend.perturb_(Group([dense], [2], [7]), 3, 0.1, 0, "gaussian", "stochastic", C.STREAM_PROBE_SR_POS)
@@ -209,9 +209,9 @@ def test_host_masked_empty_and_full_masks(backend):
 # ----------------------------------------------------------------------------- GPU
 @pytest.mark.gpu
 def test_gpu_ops_choose_cuda_for_masked_ops(cuda_gpu_backend):
-    cuda = cuda_gpu_backend
-    assert ops._masked_backend(torch.device("cuda"), "auto") is cuda
-    assert ops._masked_backend(torch.device("cuda"), "cuda") is cuda
+    for op in ops.MASKED_OPS:
+        assert ops.backend_name(op, torch.device("cuda")) == "cuda"
+        assert ops.backend_name(op, torch.device("cuda"), "cuda") == "cuda"
 
 
 @pytest.mark.gpu

@@ -2,7 +2,7 @@
 
 CPU part: the backend called with CPU tensors runs the kernel's element code on the host (host_quant), and
 is checked against the reference backend (zokernels/backends/reference/quant.py):
-  * e4m3 round-to-nearest equals torch's float8_e4m3fn cast, and e4m3 SR equals quant.reference.sr_to_e4m3,
+  * e4m3 round-to-nearest equals torch's float8_e4m3fn cast, and e4m3 SR equals numerics.sr_to_e4m3,
     bitwise, over random floats of every magnitude;
   * quantize (int8, int4 with K not a multiple of the group and odd K, fp8; nearest and SR; three input
     dtypes) is bitwise equal (no z involved);
@@ -10,27 +10,31 @@ is checked against the reference backend (zokernels/backends/reference/quant.py)
     Rademacher z, and with Gaussian z once the reference draws the same z as the CUDA code (its z_range
     patched to the host twin's: Gaussian z of two math libraries differ by <= 1 ulp, which can flip a
     rounding); unpatched, Gaussian results are nearly all bitwise and at most one grid step apart.
-GPU part (@pytest.mark.gpu): the device kernel against the reference backend, and quant_backend picking it.
+GPU part (@pytest.mark.gpu): the device kernel against the reference backend, and 'auto' picking it.
 """
 from __future__ import annotations
 
 import os
+import types
 
 import pytest
 import torch
 
 from zokernels import contract as C
-from zokernels.backends import reference as ref_backend
+from zokernels import numerics as QR
+from zokernels.backends import registry
+from zokernels.backends.reference import quant as ref_backend
 from zokernels.quant import formats as F
 from zokernels.quant import ops as QO
-from zokernels.quant import reference as QR
 
-RQ = pytest.importorskip("zokernels.backends.reference.quant")
+RQ = ref_backend
 
 
 @pytest.fixture(scope="module")
 def backend(cuda_host_backend):
-    return cuda_host_backend
+    """The CUDA backend's quant kernels (zokernels/backends/cuda/quant.py)."""
+    from zokernels.backends.cuda import quant
+    return quant
 
 
 @pytest.fixture
@@ -188,8 +192,10 @@ def test_host_update_bitwise(backend, same_z, fmt, form):
 
 
 def test_packed_int4_probe_is_native(backend):
-    """probe_weights(out_dtype=uint8) uses the kernel's packed output (no int8 pass and torch pack)."""
-    assert backend.QUANT_PROBE_PACKED_INT4 is True
+    """probe_weights(out_dtype=uint8) uses the kernel's packed output (no int8 pass and torch pack): this build
+    supports the call property out="packed-int4"."""
+    impl = registry.implementations("quant_probe")["cuda"]
+    assert impl.supports(torch.device("cuda"), {"fmt": "int4", "out": "packed-int4"}) is None
     qw = _qweight("int4", 21)
     packed, _ = _probe(backend, qw, torch.uint8, 3, 4, 5, 0.2, -1, "rademacher")
     grid, _ = _probe(backend, qw, None, 3, 4, 5, 0.2, -1, "rademacher")
@@ -216,22 +222,71 @@ def test_quant_ops_through_the_public_api_on_cpu(backend):
         QO.probe_weights(qw, 1, 2, 0, 1e-2, 1, backend="cuda")
 
 
-def test_stale_build_offers_no_new_ops():
-    """A zokernels._cuda built before the masked / quant kernels (no launch_masked, launch_quant): the backend
-    leaves those ops out, so zokernels.ops and quant_backend fall back instead of an AttributeError at launch."""
+_STALE = r"""
+import json, sys, types
+import torch
+import zokernels
+stale = types.ModuleType('zokernels._cuda')
+sys.modules['zokernels._cuda'] = stale
+zokernels._cuda = stale
+from zokernels import ops
+from zokernels.backends import cuda, registry
+cuda.unavailable_reason = lambda device: None      # as on a GPU that the stale module supports
+dev = torch.device('cuda')
+out = {'stale': cuda._ext is stale, 'why': {}, 'errors': {}, 'auto': {}}
+for op, call in (('perturb_', {}), ('masked_perturb_', {}), ('quant_quantize', {}), ('quant_probe', {}),
+                 ('quant_update_', {})):
+    out['why'][op] = registry.why_not(op, 'cuda', dev, call)
+    try:
+        registry.resolve(op, dev, 'cuda', call)
+    except registry.BackendUnavailable as e:
+        out['errors'][op] = str(e)
+    out['auto'][op] = ops.backend_name(op, dev, 'auto', call)
+print(json.dumps(out))
+"""
+
+
+def test_stale_build_names_every_backend_and_the_reason():
+    """A zokernels._cuda built before the masked / quant kernels (no launch_masked, launch_quant): the CUDA
+    backend says per op why it cannot run them, backend='cuda' raises BackendUnavailable naming every backend
+    and that reason (no silent fallback), and 'auto' takes the next backend that can run the op."""
+    import json
     import subprocess
     import sys
 
-    code = ("import sys, types; import zokernels; stale = types.ModuleType('zokernels._cuda'); "
-            "sys.modules['zokernels._cuda'] = stale; zokernels._cuda = stale; "
-            "from zokernels.backends import cuda; "
-            "print(cuda._ext is stale, hasattr(cuda, 'perturb_'), hasattr(cuda, 'masked_perturb_'), "
-            "hasattr(cuda, 'quant_probe'))")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run([sys.executable, "-c", _STALE], cwd=root, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PYTHONPATH": root})
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.split() == ["True", "True", "False", "False"], proc.stdout
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["stale"] and out["why"]["perturb_"] is None and "perturb_" not in out["errors"]
+    assert out["auto"]["perturb_"] == "cuda"
+    for op, what in (("masked_perturb_", "masked (MaZO)"), ("quant_quantize", "QuZO quantized-weight"),
+                     ("quant_probe", "QuZO quantized-weight"), ("quant_update_", "QuZO quantized-weight")):
+        reason = f"this zokernels._cuda build has no {what} kernels"
+        assert out["why"][op].startswith(reason), out["why"][op]
+        msg = out["errors"][op]
+        assert f"{op} cannot run on backend 'cuda'" in msg and reason in msg, msg
+        every = msg.split("Every backend: ")[1]
+        where = [every.find(f"{name}: ") for name in registry.ORDER]
+        assert where[0] == 0 and where == sorted(where), every       # every backend, in ORDER
+        assert "torch: torch does not implement" in every and "reference: ok" in every, every
+        assert out["auto"][op] != "cuda"
+
+
+def test_stale_build_without_packed_probe_output():
+    """A build with the quant kernels but without the packed int4 probe output refuses exactly the calls that ask
+    for it (call property out="packed-int4"), with the reason."""
+    supports = registry.implementations("quant_probe")["cuda"].supports
+    ext = types.SimpleNamespace(launch_quant=object())    # no QUANT_OUT_PACKED
+    dev = torch.device("cuda")
+    import zokernels.backends.cuda as cuda_pkg
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cuda_pkg, "_ext", ext)   # the module the kernels' supports() read
+        assert supports(dev, {"fmt": "int4", "out": "grid"}) is None
+        reason = supports(dev, {"fmt": "int4", "out": "packed-int4"})
+    assert reason is not None and "packed int4 probe output" in reason
 
 
 # ----------------------------------------------------------------------------- GPU
@@ -250,7 +305,7 @@ def _assert_gpu_close(got: torch.Tensor, want: torch.Tensor, dist: str):
 @pytest.mark.parametrize("fmt", ["int8", "int4", "fp8"])
 def test_gpu_quant_ops_match_reference(fmt, cuda_gpu_backend):
     cuda = cuda_gpu_backend
-    assert QO.quant_backend(torch.device("cuda")) is cuda
+    assert QO.quant_backend(torch.device("cuda")) == "cuda"
     w = _weight(fmt, 60).cuda()
     for rounding in ("nearest", "stochastic"):
         a = F.quantize_weight(w, fmt, rounding=rounding, seed=3, key=4, group_size=GROUP, backend="cuda")

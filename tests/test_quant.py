@@ -6,11 +6,12 @@ import pytest
 import torch
 
 from zokernels import contract as C
+from zokernels import numerics as R
 from zokernels import ops
 from zokernels import quant
+from zokernels.backends import registry
 from zokernels.quant import formats as F
 from zokernels.quant import ops as QO
-from zokernels.quant import reference as R
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -201,8 +202,7 @@ def test_w8a8_vs_float64(backend):
     """W8A8 (per-token int8 activations, int32 accumulation, dequant+bias epilogue) == float64 of the same
     quantized operands within 2x a naive bfloat16 implementation; odd M, N, K exercise the tile tails."""
     if backend == "triton":
-        from zokernels.quant import triton_linear
-        reason = triton_linear.unavailable_reason(torch.device("cpu"))
+        reason = registry.why_not("w8a8_matmul", "triton", torch.device("cpu"))
         if reason:
             pytest.skip(reason)
     lin = _linear(45, 100, 1)
@@ -231,8 +231,7 @@ def test_w8a8_backends_agree_bitwise():
     exact = (xq.long() @ wq.long().t()).float() * sx[:, None] * sw[None, :] + b
     assert torch.equal(ref, exact)
     assert torch.equal(quant.w8a8_matmul(xq, sx, wq, sw, b, "torch"), ref)
-    from zokernels.quant import triton_linear
-    if triton_linear.unavailable_reason(torch.device("cpu")) is None:
+    if registry.why_not("w8a8_matmul", "triton", torch.device("cpu")) is None:
         assert torch.equal(quant.w8a8_matmul(xq, sx, wq, sw, None, "triton"),
                            quant.w8a8_matmul(xq, sx, wq, sw, None, "reference"))
         assert torch.equal(quant.w8a8_matmul(xq, sx, wq, sw, b, "triton"), ref)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import pytest
 import torch
 
+from zokernels import numerics as R
 from zokernels import quant
 from zokernels.backends import registry
+from zokernels.backends.reference import quant as RQ
+from zokernels.backends.triton import quant as TQ
 from zokernels.quant import formats as F
 from zokernels.quant import ops as QO
-from zokernels.quant import reference as R
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -128,8 +130,8 @@ def test_quantize_fp8_special_values():
     scale = torch.ones(w.shape[0], 1, device=DEVICE)
     for rounding in ("nearest", "stochastic"):
         outs = [torch.empty(w.shape, dtype=torch.float8_e4m3fn, device=DEVICE) for _ in range(2)]
-        for out, name in zip(outs, ("reference", "triton")):
-            registry._load(name).quant_quantize(w, scale, "fp8", 0, rounding, 1, 2, out)
+        for out, impl in zip(outs, (RQ, TQ)):
+            impl.quant_quantize(w, scale, "fp8", 0, rounding, 1, 2, out)
         assert torch.equal(outs[0].view(torch.uint8), outs[1].view(torch.uint8)), rounding
 
 
@@ -217,7 +219,7 @@ def test_update_gaussian_and_no_queries():
 
 
 @needs_triton
-def test_int4_writes_when_k_is_a_multiple_of_4(monkeypatch):
+def test_int4_writes_when_k_is_a_multiple_of_4():
     """K % 4 == 0 (every LLM shape): int4 quantize / update write whole Philox blocks (byte pairs assembled
     in the tile) instead of the per-byte gather path; K = 100 with groups of 32 still ends in padding."""
     g = torch.Generator().manual_seed(5)
@@ -227,7 +229,7 @@ def test_int4_writes_when_k_is_a_multiple_of_4(monkeypatch):
         tri = quant.quantize_weight(w, "int4", rounding=rounding, seed=2, key=3, group_size=32, backend="triton")
         assert torch.equal(tri.q, ref.q) and tri.q.shape == (29, 64)
     out = torch.full_like(ref.q, 0xFF)     # padding bytes are written as 0 whatever the buffer held
-    registry._load("triton").quant_quantize(w, ref.scale, "int4", 32, "stochastic", 2, 3, out)
+    TQ.quant_quantize(w, ref.scale, "int4", 32, "stochastic", 2, 3, out)
     assert torch.equal(out, ref.q)
     for form in ("single", "paper"):
         res = []
@@ -237,24 +239,22 @@ def test_int4_writes_when_k_is_a_multiple_of_4(monkeypatch):
             res.append((q.q, int(sat)))
         assert torch.equal(res[0][0], res[1][0]) and res[0][1] == res[1][1] > 0, form
         assert not torch.equal(res[1][0], ref.q)
-    # probe weights packed by the kernel == the reference == int8 grid values packed in torch (the fallback
-    # for backends without QUANT_PROBE_PACKED_INT4)
+    # probe weights packed by the kernel == the reference == int8 grid values packed in torch
     packed = {b: QO.probe_weights(ref, 4, 5, 1, EPS["int4"], -1, "rademacher", out_dtype=torch.uint8, backend=b)
               for b in ("reference", "triton")}
-    monkeypatch.delattr(registry._load("reference"), "QUANT_PROBE_PACKED_INT4")
-    fallback = QO.probe_weights(ref, 4, 5, 1, EPS["int4"], -1, "rademacher", out_dtype=torch.uint8,
-                                backend="reference")
-    assert torch.equal(packed["triton"], packed["reference"]) and torch.equal(fallback, packed["reference"])
+    grid = QO.probe_weights(ref, 4, 5, 1, EPS["int4"], -1, "rademacher", backend="reference")
+    torch_packed = R.pack_int4_padded(grid, ref.padded_k)
+    assert torch.equal(packed["triton"], packed["reference"]) and torch.equal(torch_packed, packed["reference"])
     assert not torch.equal(packed["triton"], ref.q)
 
 
 # ----------------------------------------------------------------------------- dispatch, QuZO
 def test_backend_choice():
-    assert QO.quant_backend(torch.device("cpu")).NAME == "reference"   # the interpreter is never automatic
+    assert QO.quant_backend(torch.device("cpu")) == "reference"   # the interpreter is never automatic
     if _triton_reason() is None:
-        assert QO.quant_backend(DEVICE, "triton").NAME == "triton"
+        assert QO.quant_backend(DEVICE, "triton") == "triton"
     if torch.cuda.is_available():
-        assert QO.quant_backend(DEVICE).NAME in ("cuda", "triton")
+        assert QO.quant_backend(DEVICE) in ("cuda", "triton")
     with pytest.raises(ValueError, match="sign"):
         QO.probe_weights(_quantized("int8"), 1, 2, 0, 1e-3, 2)
     with pytest.raises(ValueError, match="saturated"):
@@ -388,7 +388,7 @@ def test_gpu_backends_match_reference_at_scale(fmt, cuda_device):
     g = torch.Generator().manual_seed(0)
     w = (torch.randn(1037, 4099, generator=g) * 0.02).to(cuda_device, torch.bfloat16)
     names = [n for n in ("cuda", "triton") if registry.not_supported(n, cuda_device) is None
-             and all(hasattr(registry._load(n), op) for op in QO.QUANT_OPS)]
+             and all(registry.why_not(op, n, cuda_device) is None for op in QO.QUANT_OPS)]
     assert "triton" in names
     ref_q = quant.quantize_weight(w, fmt, rounding="stochastic", seed=1, key=2, group_size=128, backend="reference")
     for name in names:
@@ -416,8 +416,6 @@ def test_gpu_backends_match_reference_at_scale(fmt, cuda_device):
 @pytest.mark.gpu
 def test_gpu_int8_probe_beyond_2_pow_31_elements(cuda_device):
     """64-bit element indices: the last rows of a weight with N K > 2^31 match the reference element math."""
-    from zokernels.backends.reference import quant as RQ
-
     k = 4099
     n = (1 << 31) // k + 3
     q = torch.randint(-127, 128, (n, k), dtype=torch.int8, device=cuda_device)
@@ -430,7 +428,7 @@ def test_gpu_int8_probe_beyond_2_pow_31_elements(cuda_device):
     ref_sat = QO.new_counter(cuda_device)
     d = (RQ._z(9, 10, 3, "rademacher", n0, rows, k, cuda_device) * RQ._scalar(1e-2, cuda_device)) / scale[n0:]
     v = RQ._v(9, 10, 3, QO.C.STREAM_QUZO_PROBE, n0, rows, k, cuda_device)
-    raw = q[n0:].int() + RQ._sr_int(d, v)
+    raw = q[n0:].int() + R.sr_int(d, v)
     ref.copy_(raw.clamp(-127, 127).to(torch.int8))
     ref_sat += (raw.abs() > 127).sum()
     assert torch.equal(out[n0:], ref)

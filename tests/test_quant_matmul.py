@@ -1,4 +1,5 @@
-"""Quantized matmuls of QuantLinear's forward (zokernels.quant.matmul, zokernels.quant.triton_linear):
+"""Quantized matmuls of QuantLinear's forward (zokernels.quant.matmul, zokernels.ops.matmul and the Triton
+backend's zokernels/backends/triton/quant_matmul.py):
 FP8 (e4m3 x e4m3 -> float32) and W4A16 (int4 unpacked + dequantized in the mainloop) against float64
 references within 2x the error of a naive bfloat16 implementation (the rule of tests/test_quant.py's W8A8
 test), odd shapes that are no tile multiples; QuantLinear's matmul modes (incl. "auto" and probes) against
@@ -6,17 +7,26 @@ its dequant path; the Triton kernels compile for sm_90 (wgmma) without a GPU; GP
 import pytest
 import torch
 
+from zokernels import contract as C
+from zokernels import ops
 from zokernels import quant
+from zokernels.backends import registry
+from zokernels.backends.triton import quant_matmul as T
 from zokernels.quant import matmul as MM
 from zokernels.quant import ops as QO
-from zokernels.quant import reference as R
-from zokernels.quant import triton_linear as T
 from zokernels.quant.linear import ProbeSpec, QuantLinear
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 M, K, N = 19, 203, 37          # no multiple of any tile (16 / 32 / 64) nor of the int4 groups
-NEEDS_TRITON = T.unavailable_reason(torch.device("cpu"))
+
+
+def _triton_reason(kind: str, device="cpu") -> str | None:
+    """Why the Triton backend cannot run the `kind` matmul ("w8a8" | "w4a16" | "fp8") on `device` (None: it can)."""
+    return registry.why_not(f"{kind}_matmul", "triton", torch.device(device))
+
+
+NEEDS_TRITON = _triton_reason("w4a16")
 
 
 def _gen(seed):
@@ -31,8 +41,8 @@ def assert_within_2x_naive(ours: torch.Tensor, ref: torch.Tensor, naive: torch.T
 
 
 def _skip_backend(backend: str, kind: str) -> None:
-    if backend == "triton" and T.unavailable_reason(torch.device("cpu"), kind):
-        pytest.skip(T.unavailable_reason(torch.device("cpu"), kind))
+    if backend == "triton" and _triton_reason(kind):
+        pytest.skip(_triton_reason(kind))
     if backend == "torch" and kind == "fp8" and not MM.scaled_mm_available(torch.device("cpu")):
         pytest.skip(f"torch._scaled_mm does not run e4m3 on CPU with torch {torch.__version__}")
 
@@ -65,7 +75,7 @@ def test_fp8_matmul_vs_float64(backend):
     # and the per-token e4m3 activations are the nearest grid values: within half an e4m3 step of x
     step = x.abs() * 2.0 ** -4 + xs[:, None] * 2.0 ** -10
     assert bool(((xq.float() * xs[:, None] - x).abs() <= step * (1 + 1e-6)).all())
-    assert float(xq.float().abs().amax(dim=1).min()) == R.E4M3_MAX   # each row's amax sits on 448
+    assert float(xq.float().abs().amax(dim=1).min()) == C.E4M3_MAX   # each row's amax sits on 448
 
 
 @pytest.mark.skipif(NEEDS_TRITON is not None, reason=str(NEEDS_TRITON))
@@ -80,7 +90,7 @@ def test_fp8_triton_fast_accum_and_tiles():
     y16 = T.fp8(xq, xs, qw.q, qw.scale, b, out_dtype=torch.float16)
     torch.testing.assert_close(y16, exact.half(), rtol=1e-3, atol=1e-3)
     with pytest.raises(TypeError, match="float8_e4m3fn"):
-        T.fp8(xq.float(), xs, qw.q, qw.scale, b)
+        MM.fp8_matmul(xq.float(), xs, qw.q, qw.scale, b, "triton")
 
 
 def test_fp8_reference_is_exact_and_zero_rows():
@@ -164,7 +174,7 @@ def test_w4a16_rejects_inconsistent_layouts():
         MM.w4a16_matmul(x, quant.quantize_weight(torch.randn(N, K), "int8"), b)
     if NEEDS_TRITON is None:
         with pytest.raises(ValueError, match="inconsistent int4 layout"):
-            T.w4a16(x, qw.q, qw.scale, 128, b)
+            ops.w4a16_matmul(x, qw.q, qw.scale, qw.shape, 128, b, backend="triton")
 
 
 def test_bad_operands_raise_before_any_kernel():
@@ -192,23 +202,33 @@ def test_bad_operands_raise_before_any_kernel():
         with pytest.raises(ValueError, match="packed int4 weights must be uint8"):
             MM.w4a16_matmul(x4, q4, b4, backend, packed=q4.q[:, :64])
     with pytest.raises(ValueError, match=r"activations \[M, 203\]"):
-        T.w8a8(torch.zeros(3, 202, dtype=torch.int8), torch.ones(3), torch.zeros(5, 203, dtype=torch.int8),
-               torch.ones(5), None)
-    with pytest.raises(ValueError, match="inconsistent int4 layout"):   # x of 100 columns vs a Kp = 256 weight
-        T.w4a16(x4[:, :100].contiguous(), q4.q, q4.scale, 64, b4)
+        ops.w8a8_matmul(torch.zeros(3, 202, dtype=torch.int8), torch.ones(3), torch.zeros(5, 203, dtype=torch.int8),
+                        torch.ones(5), None, backend="triton")
+    with pytest.raises(ValueError, match="inconsistent int4 layout"):   # K = 100 (Kp = 128) vs a Kp = 256 weight
+        ops.w4a16_matmul(x4[:, :100].contiguous(), q4.q, q4.scale, (N, 100), 64, b4, backend="triton")
 
 
 # ----------------------------------------------------------------------------- backend choice
 def test_backend_choice_is_explicit():
+    """'auto' on CPU: the registry's first backend that can run the call (the interpreter never), recorded in
+    registry.last_backend; a named backend runs there; unknown names are refused."""
     cpu = torch.device("cpu")
-    assert MM.choose_w4a16_backend(cpu) == "reference"
-    assert MM.choose_fp8_backend(cpu) == ("torch" if MM.scaled_mm_available(cpu) else "reference")
+    _, xq, xs, qf, b = _fp8_operands(15)
+    x4, q4, b4 = _int4_operands(16, 64, torch.float32)
+    MM.fp8_matmul(xq, xs, qf.q, qf.scale, b)
+    assert registry.last_backend("fp8_matmul", cpu) == ("torch" if MM.scaled_mm_available(cpu) else "reference")
+    MM.w4a16_matmul(x4, q4, b4)
+    assert registry.last_backend("w4a16_matmul", cpu) == "torch"
     for name in ("reference", "torch", "triton"):
-        assert MM.choose_w4a16_backend(cpu, name) == name and MM.choose_fp8_backend(cpu, name) == name
+        if name == "triton" and NEEDS_TRITON or name == "torch" and not MM.scaled_mm_available(cpu):
+            continue
+        MM.fp8_matmul(xq, xs, qf.q, qf.scale, b, name)
+        MM.w4a16_matmul(x4, q4, b4, name)
+        assert registry.last_backend("fp8_matmul", cpu) == registry.last_backend("w4a16_matmul", cpu) == name
     with pytest.raises(ValueError, match="backend must be one of"):
-        MM.choose_fp8_backend(cpu, "cublas")
+        MM.fp8_matmul(xq, xs, qf.q, qf.scale, b, "cublas")
     with pytest.raises(ValueError, match="backend must be one of"):
-        MM.choose_w4a16_backend(cpu, "fast")
+        MM.w4a16_matmul(x4, q4, b4, "fast")
     # the W8A8 names are re-exported so one module holds every quantized matmul
     assert MM.w8a8_matmul is QO.w8a8_matmul and MM.quantize_activations is QO.quantize_activations
 
@@ -306,8 +326,8 @@ def test_bf16_input_on_cpu_stays_bf16():
 _COMPILE = r"""
 import triton
 from triton.backends.compiler import GPUTarget
-from zokernels.quant import triton_linear as T
-ks = T._build()
+from zokernels.backends.triton import quant_matmul_kernels as K
+ks = {"scaled_dot": K.scaled_dot_kernel, "w4a16": K.w4a16_kernel}
 def compile_(fn, ptrs, consts):
     sig = {n: ptrs.get(n, "constexpr" if n in consts else "i32") for n in fn.arg_names}
     src = triton.compiler.ASTSource(fn=fn, signature=sig, constexprs=consts)
@@ -332,7 +352,7 @@ def test_triton_kernels_compile_for_sm90(compile_sm90):
 
 # ----------------------------------------------------------------------------- GPU
 def _cuda_ok(kind: str) -> None:
-    reason = T.unavailable_reason(torch.device("cuda"), kind)
+    reason = _triton_reason(kind, "cuda")
     if reason:
         pytest.skip(reason)
 
@@ -374,7 +394,8 @@ def test_gpu_fp8_triton_and_scaled_mm(shape):
         assert_within_2x_naive(ours, ref, naive)
         # sm_90 wgmma sums fp8 products with ~14-bit precision within a K tile (promoted to fp32 after it)
         assert float((ours - exact).abs().max() / exact.abs().max()) < 1e-3
-    assert MM.choose_fp8_backend(xq.device) == "triton"
+    MM.fp8_matmul(xq, xs, qw.q, qw.scale, b)
+    assert registry.last_backend("fp8_matmul", xq.device) == "triton"
 
 
 @pytest.mark.gpu

@@ -16,12 +16,42 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
+def op_table(device) -> list[str]:
+    """The op x backend table on `device`: 'ok', or the reason in every cell that cannot run; the column
+    'auto' names the backend auto picks (ignoring per-call properties such as dtype or format)."""
+    from .backends import registry
+
+    table = registry.table(device)
+    lines = [f"ops on {device} (auto = what backend='auto' runs; reasons below):"]
+    width = max(len(op) for op in table)
+    lines.append(f"  {'op':{width}s}  {'auto':9s}  " + "  ".join(f"{b:9s}" for b in registry.ORDER))
+    reasons: dict[str, list[str]] = {}
+    for op, row in table.items():
+        auto = next((b for b in registry.ORDER if row[b] == "ok"), "none")  # "ok*": never automatic
+        cells = []
+        for b in registry.ORDER:
+            if row[b] == "ok" or row[b].startswith("ok "):
+                cells.append(f"{'ok' if row[b] == 'ok' else 'ok*':9s}")
+            elif row[b] == f"{b} does not implement {op}":
+                cells.append(f"{'.':9s}")
+            else:
+                n = reasons.setdefault(row[b], [])
+                n.append(op)
+                cells.append(f"{'-' + str(list(reasons).index(row[b]) + 1):9s}")
+        lines.append(f"  {op:{width}s}  {auto:9s}  " + "  ".join(cells))
+    if any(row[b].startswith("ok ") for row in table.values() for b in registry.ORDER):
+        lines.append("  ok* = the Triton interpreter: runs when asked for, never chosen by 'auto' (tests)")
+    lines.append("  . = not implemented by that backend")
+    for i, reason in enumerate(reasons, 1):
+        lines.append(f"  -{i}: {reason}")
+    return lines
+
+
 def environment_report() -> str:
     import torch
 
     from . import CONTRACT_VERSION, __version__
     from .backends import registry
-    from .ops import BACKEND_ENV, select_backend
 
     lines = [f"zokernels {__version__} (perturbation contract v{CONTRACT_VERSION})",
              f"python {platform.python_version()} on {platform.platform()}"]
@@ -47,20 +77,11 @@ def environment_report() -> str:
         lines.append(f"backends on {dev}:")
         for name, status in registry.report(dev).items():
             lines.append(f"  {name:9s} {status}")
-    lines.append(f"backend='auto' on {devices[-1]}: "
-                 f"{registry.auto(devices[-1]).NAME}")
-    forced = os.environ.get(BACKEND_ENV)
+        lines += op_table(dev)
+    forced = os.environ.get(registry.BACKEND_ENV)
     if forced:
-        try:
-            chosen = select_backend(devices[-1]).NAME
-        except Exception as e:  # noqa: BLE001 — the report shows what the ops would raise
-            chosen = f"error: {e}"
-        lines.append(f"  ${BACKEND_ENV}={forced}: backend='auto' means {forced!r}; on {devices[-1]}: {chosen}")
-    # the op families a backend may lack (e.g. a zokernels._cuda built before them): what 'auto' runs them on
-    from .ops import MASKED_OPS
-    from .quant.ops import QUANT_OPS
-    lines.append(f"  masked ops (MaZO): {registry.auto(devices[-1], needs=MASKED_OPS).NAME}; quantized-weight ops "
-                 f"(QuZO): {registry.auto(devices[-1], needs=QUANT_OPS).NAME}")
+        lines.append(f"${registry.BACKEND_ENV}={forced}: every op's backend='auto' means {forced!r} (an op it cannot "
+                     "run raises with every backend's reason)")
     return "\n".join(lines)
 
 

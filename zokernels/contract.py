@@ -17,6 +17,8 @@ single place where the contract's numbers live.
 from __future__ import annotations
 
 import hashlib
+import math
+import struct
 
 CONTRACT_VERSION = 1
 
@@ -51,6 +53,13 @@ ROUNDINGS = ("nearest", "stochastic")
 # Float32 constants used bit-exactly by every backend.
 TWO_POW_M24 = 5.9604644775390625e-08     # 2^-24, exact in float32
 TWO_PI_F32 = 6.2831854820251465          # float32(2*pi)
+FLOAT32_MAX = 3.4028234663852886e38      # largest finite float32: scalars the kernels take must stay below
+
+# Quantized weights (docs/perturbation.md section 4; zokernels.quant): symmetric grids.
+QUANT_FORMATS = ("int8", "int4", "fp8")
+E4M3_MAX = 448.0                         # largest finite float8_e4m3fn
+QMAX = {"int8": 127, "int4": 7, "fp8": E4M3_MAX}
+SR_CLAMP = 2.0 ** 30                     # |x| bound before stochastic rounding to int32
 
 _WRAPPER_SEGMENTS = frozenset({"_orig_mod", "_fsdp_wrapped_module", "_checkpoint_wrapped_module",
                                "_forward_module"})
@@ -119,6 +128,21 @@ def check_rounding(rounding: str) -> str:
     if rounding not in ROUNDINGS:
         raise ValueError(f"rounding must be one of {ROUNDINGS}, got {rounding!r}")
     return rounding
+
+
+def matrix_shape(shape) -> tuple[int, int]:
+    """(rows, ncols) of the matrix view of a tensor of this shape (masks address element j = row * ncols + col):
+    rows = shape[0], ncols = numel / shape[0]; a 0-d or 1-d tensor is one row."""
+    shape = tuple(int(s) for s in shape)
+    numel = math.prod(shape)
+    if len(shape) <= 1 or shape[0] == 0:
+        return 1, numel
+    return shape[0], numel // shape[0]
+
+
+def round_f32(x: float) -> float:
+    """x rounded to the nearest float32 (how every kernel sees a scalar argument)."""
+    return struct.unpack("<f", struct.pack("<f", x))[0]
 
 
 def philox_key(seed: int) -> tuple[int, int]:

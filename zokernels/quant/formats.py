@@ -17,17 +17,13 @@ from dataclasses import dataclass
 import torch
 
 from .. import contract as C
-from . import reference as R
+from .. import numerics as N
+from .. import ops
+from ..ops.quant import check_format, padded_k
 
-FORMATS = ("int8", "int4", "fp8")
-QMAX = {"int8": 127, "int4": 7, "fp8": R.E4M3_MAX}
-GROUP_SIZES = (32, 64, 128)
-
-
-def check_format(fmt: str) -> str:
-    if fmt not in FORMATS:
-        raise ValueError(f"fmt must be one of {FORMATS}, got {fmt!r}")
-    return fmt
+FORMATS = C.QUANT_FORMATS
+QMAX = C.QMAX
+GROUP_SIZES = (32, 64, 128)   # int4 groups quantize_weight accepts (the kernels take any positive even size)
 
 
 @dataclass
@@ -53,16 +49,12 @@ class QuantizedWeight:
         return self.q.numel() * self.q.element_size() + self.scale.numel() * self.scale.element_size()
 
 
-def _padded_k(k: int, fmt: str, group_size: int) -> int:
-    return -(-k // group_size) * group_size if fmt == "int4" else k
-
-
 def compute_scale(w: torch.Tensor, fmt: str, group_size: int = 128) -> torch.Tensor:
     """float32 amax / qmax per row (int8, fp8) or per (row, group) (int4); all-zero blocks get 1."""
     w = w.detach().to(torch.float32)
     n, k = w.shape
     if fmt == "int4":
-        kp = _padded_k(k, fmt, group_size)
+        kp = padded_k(k, fmt, group_size)
         w = torch.nn.functional.pad(w, (0, kp - k)).reshape(n, kp // group_size, group_size)
         amax = w.abs().amax(dim=2)
     else:
@@ -75,14 +67,14 @@ def scale_full(qw: QuantizedWeight) -> torch.Tensor:
     """The scale of every logical element, float32 [N, K]."""
     n, k = qw.shape
     if qw.fmt == "int4":
-        return qw.scale.repeat_interleave(qw.group_size, dim=1)[:, :k]
+        return N.group_scales(qw.scale, qw.group_size, k)
     return qw.scale.expand(n, k)
 
 
 def values(qw: QuantizedWeight) -> torch.Tensor:
     """Grid values of the logical weight: int32 [N, K] (int formats) or float32 [N, K] (fp8)."""
     if qw.fmt == "int4":
-        return R.unpack_int4(qw.q)[:, :qw.shape[1]].to(torch.int32)
+        return N.unpack_int4(qw.q)[:, :qw.shape[1]].to(torch.int32)
     if qw.fmt == "int8":
         return qw.q.to(torch.int32)
     return qw.q.to(torch.float32)
@@ -91,9 +83,7 @@ def values(qw: QuantizedWeight) -> torch.Tensor:
 def store_values_(qw: QuantizedWeight, vals: torch.Tensor) -> None:
     """Write grid values (already in range) back into qw.q, in place (int4: repack, padding stays 0)."""
     if qw.fmt == "int4":
-        n, k = qw.shape
-        full = torch.nn.functional.pad(vals.to(torch.int32), (0, qw.padded_k - k))
-        qw.q.copy_(R.pack_int4(full))
+        qw.q.copy_(N.pack_int4_padded(vals, qw.padded_k))
     elif qw.fmt == "int8":
         qw.q.copy_(vals.to(torch.int8))
     else:
@@ -104,12 +94,8 @@ def to_grid(qw_or_fmt, x: torch.Tensor, v: torch.Tensor | None) -> torch.Tensor:
     """Round float32 x onto the format's grid (clamped to +-qmax): stochastic if v is given, else RN.
     int formats -> int32, fp8 -> float32 e4m3 values."""
     fmt = qw_or_fmt.fmt if isinstance(qw_or_fmt, QuantizedWeight) else qw_or_fmt
-    qmax = QMAX[fmt]
-    if fmt == "fp8":
-        r = R.sr_to_e4m3(x, v) if v is not None else R.rn_to_e4m3(x)
-        return r.to(torch.float32)
-    x = torch.clamp(x, -qmax, qmax)
-    return R.sr_to_int(x, v) if v is not None else R.rn_to_int(x)
+    r = N.quantize_values(check_format(fmt), x, v)
+    return r.to(torch.float32) if fmt == "fp8" else r
 
 
 def dequantize(qw: QuantizedWeight, vals: torch.Tensor | None = None) -> torch.Tensor:
@@ -122,9 +108,7 @@ def quantize_weight(w: torch.Tensor, fmt: str, *, rounding: str = "nearest", see
                     group_size: int = 128, backend: str = "auto") -> QuantizedWeight:
     """Quantize a float weight [N, K]: q = R(w / s) clamped to the symmetric grid, s = compute_scale.
     R: nearest, or stochastic with the uniforms of (seed, STREAM_QUANT_SR, query 0, key, j = nK + k).
-    The element math runs in the backend chosen by zokernels.quant.ops.quant_backend (quant_quantize)."""
-    from . import ops as QO  # ops imports this module
-
+    The element math runs in the backend the registry picks for zokernels.ops.quant_quantize (`backend`)."""
     check_format(fmt)
     C.check_rounding(rounding)
     if w.ndim != 2:
@@ -138,9 +122,5 @@ def quantize_weight(w: torch.Tensor, fmt: str, *, rounding: str = "nearest", see
     n, k = w.shape
     group_size = group_size if fmt == "int4" else 0
     scale = compute_scale(w, fmt, group_size).contiguous()
-    if fmt == "int4":
-        q = torch.empty(n, _padded_k(k, fmt, group_size) // 2, dtype=torch.uint8, device=w.device)
-    else:
-        q = torch.empty(n, k, dtype=torch.int8 if fmt == "int8" else torch.float8_e4m3fn, device=w.device)
-    QO.quantize_into(w, scale, fmt, group_size, rounding, seed, key, q, backend)
+    q = ops.quant_quantize(w, scale, fmt, group_size, rounding, seed, key, backend=backend)
     return QuantizedWeight(fmt, q, scale, (n, k), group_size)

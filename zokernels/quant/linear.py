@@ -5,7 +5,7 @@ Forward paths (`matmul=`; the kernels and their backends: zokernels.quant.matmul
   "w8a8"   : int8 only. Activations quantized per token (s_m = amax_m / 127), to nearest or, during a
              QuZO probe with act_sr, stochastically (STREAM_ACT_SR, the probe's query, the layer key,
              j = m * K + k: both probes of a query draw the same uniforms); int8 x int8 -> int32
-             accumulation, then y = acc * s_m * s_n + b (zokernels.quant.ops.w8a8_matmul).
+             accumulation, then y = acc * s_m * s_n + b (zokernels.quant.matmul.w8a8_matmul).
   "fp8"    : fp8 only. Activations per token to e4m3 (s_m = amax_m / 448; RN, or SR_e4m3 with the
              same act_sr uniforms as w8a8); e4m3 x e4m3 -> float32 accumulation, y = acc * s_m * s_n + b.
   "w4a16"  : int4 only. Activations stay in their dtype DT (fp16 / bf16 / fp32); the weight is unpacked
@@ -13,8 +13,8 @@ Forward paths (`matmul=`; the kernels and their backends: zokernels.quant.matmul
   "auto"   : resolved per call from the input's device: on CUDA the format's own path (int8 -> w8a8,
              int4 -> w4a16, fp8 -> fp8), elsewhere "dequant" (the CPU paths are slower than dequant).
 `matmul_backend` ("auto" | "reference" | "torch" | "triton") picks the implementation of the quantized
-paths (see zokernels.quant.matmul; "auto": Triton on CUDA, torch._int_mm / _scaled_mm / exact reference
-as fallbacks).
+paths (see zokernels.quant.matmul; "auto": the registry's first backend that can run the call: Triton on
+CUDA, then torch._int_mm / _scaled_mm / dequantize + torch.matmul, then the exact reference).
 
 During a QuZO probe the optimizer sets `probe` on every QuantLinear; the forward then uses the probe
 weights clamp(q +- Q1(eps z / s)) computed on the fly (drift-free: q itself is never written, the
@@ -53,7 +53,7 @@ class ProbeSpec:
     saturated: int = 0
     cache: dict | None = None    # shared by the probes and the update of one step (see ops._z)
     skip_keys: set = field(default_factory=set)   # layers already perturbed in place (inplace probes)
-    backend: str = "auto"     # backend of the probe kernels (zokernels.quant.ops.quant_backend)
+    backend: str = "auto"     # backend of the probe kernels (zokernels.ops.quant_probe)
     counters: dict = field(default_factory=dict)  # device -> int64 [1] saturation counter of the kernels
 
     def counter(self, device: torch.device) -> torch.Tensor:
@@ -78,8 +78,8 @@ class QuantLinear(torch.nn.Module):
             raise ValueError(f"matmul must be one of {MATMULS}, got {matmul!r}")
         if matmul in MATMUL_FORMAT and qw.fmt != MATMUL_FORMAT[matmul]:
             raise ValueError(f"matmul={matmul!r} needs fmt={MATMUL_FORMAT[matmul]!r}, not {qw.fmt!r}")
-        if matmul_backend not in MM.FP8_BACKENDS:
-            raise ValueError(f"matmul_backend must be one of {MM.FP8_BACKENDS}, got {matmul_backend!r}")
+        if matmul_backend not in MM.MATMUL_BACKENDS:
+            raise ValueError(f"matmul_backend must be one of {MM.MATMUL_BACKENDS}, got {matmul_backend!r}")
         self.fmt = qw.fmt
         self.out_features, self.in_features = qw.shape
         self.group_size = qw.group_size
@@ -115,7 +115,7 @@ class QuantLinear(torch.nn.Module):
         if spec is None or not spec.act_sr:
             return None
         act_seed = spec.seed if spec.act_seed is None else spec.act_seed
-        return Q.activation_uniforms(x2.shape, act_seed, self.key, spec.query, x2.device)
+        return MM.activation_uniforms(x2.shape, act_seed, self.key, spec.query, x2.device)
 
     def nbytes(self) -> int:
         b = 0 if self.bias is None else self.bias.numel() * self.bias.element_size()
@@ -147,8 +147,8 @@ class QuantLinear(torch.nn.Module):
         out_dtype = x.dtype if x.is_floating_point() else self.out_dtype
         if mode == "w8a8":
             wq = self.qweight if vals is None else vals.to(torch.int8)
-            xq, xs = Q.quantize_activations(x2, self._activation_uniforms(x2))
-            y = Q.w8a8_matmul(xq, xs, wq, self.scale.reshape(-1), self.bias, self.matmul_backend)
+            xq, xs = MM.quantize_activations(x2, self._activation_uniforms(x2))
+            y = MM.w8a8_matmul(xq, xs, wq, self.scale.reshape(-1), self.bias, self.matmul_backend)
         elif mode == "fp8":
             wq = self.qweight if vals is None else vals.to(torch.float8_e4m3fn)   # e4m3 grid values: exact
             xq, xs = MM.quantize_activations_fp8(x2, self._activation_uniforms(x2))

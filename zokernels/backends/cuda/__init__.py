@@ -12,12 +12,13 @@ ops: quant.py, one launch per weight.
 from __future__ import annotations
 
 import struct
-from collections import Counter, OrderedDict
+from collections import Counter
 
 import torch
 
 from ... import contract as C
-from .._common import Group, UpdateSpec
+from .._common import Group, TableCache, UpdateSpec, chunk_table, philox_span
+from ..registry import register
 
 NAME = "cuda"
 LAUNCHES: Counter = Counter()  # op name -> kernel launches (tests check one launch per group)
@@ -37,8 +38,7 @@ except ImportError as e:  # not built, or built for another Python
 
 _DTYPE_TAG = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _DIST_TAG = {"gaussian": 0, "rademacher": 1}
-_TABLE_CACHE_SIZE = 64
-_tables: OrderedDict = OrderedDict()
+_tables = TableCache()  # launch tables of the dense and masked kernels
 _device_ok: dict[int, str | None] = {}
 
 
@@ -82,22 +82,15 @@ def _signed64(x: int) -> int:
 
 def _table(device: torch.device, rows: tuple) -> tuple[torch.Tensor, int]:
     """(device int64 table, number of CUDA blocks) for rows (src, dst, numel, key, offset, lr, wd)."""
-    cache_key = (device, rows)
-    hit = _tables.get(cache_key)
-    if hit is not None:
-        _tables.move_to_end(cache_key)
-        return hit
-    flat, chunks = [], 0
-    for src, dst, numel, key, offset, lr, wd in rows:
-        n_blocks = ((offset + numel - 1) >> 2) - (offset >> 2) + 1
-        flat += [src, dst, numel, _signed64(key), offset, chunks,
-                 _signed64(_f32_bits(lr) | _f32_bits(wd) << 32), 0]
-        chunks += -(-n_blocks // _ext.CHUNK_BLOCKS)
-    table = torch.tensor(flat, dtype=torch.int64).view(-1, _ext.TABLE_COLS).to(device)
-    _tables[cache_key] = (table, chunks)
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return table, chunks
+    def build():
+        firsts, chunks = chunk_table([(0, philox_span(offset, numel)[1]) for _, _, numel, _, offset, _, _ in rows],
+                                     _ext.CHUNK_BLOCKS)
+        flat = []
+        for (src, dst, numel, key, offset, lr, wd), first in zip(rows, firsts):
+            flat += [src, dst, numel, _signed64(key), offset, first, _signed64(_f32_bits(lr) | _f32_bits(wd) << 32), 0]
+        return torch.tensor(flat, dtype=torch.int64).view(-1, _ext.TABLE_COLS).to(device), chunks.shape[0]
+
+    return _tables.get((device, rows), build)
 
 
 def _launch(name: str, op: int, dtype: torch.dtype, dist: str, stochastic: bool, device: torch.device,
@@ -127,6 +120,7 @@ def _row(src: torch.Tensor, dst: torch.Tensor, key: int, offset: int, lr: float 
 
 
 # ----------------------------------------------------------------------------- backend interface
+@register("philox", NAME)
 def philox(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """Philox4x32-10 of int64 counters [n, 4] (uint32 values) -> int64 [n, 4], via the host twin."""
     if _ext is None:
@@ -137,23 +131,27 @@ def philox(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     return (out.to(torch.int64) & C.MASK32).to(counters.device)
 
 
+@register("perturbation", NAME)
 def fill_perturbation(out: torch.Tensor, seed: int, key: int, query: int, stream: int, dist: str,
                       offset: int) -> None:
     _launch("fill_perturbation", _ext.OPS["fill_perturbation"] if _ext else 0, torch.float32, dist, False,
             out.device, [_row(out, out, key, offset)], seed=seed, query=query, stream=stream)
 
 
+@register("uniform", NAME)
 def fill_uniform(out: torch.Tensor, seed: int, key: int, query: int, stream: int, offset: int) -> None:
     _launch("fill_uniform", _ext.OPS["fill_uniform"] if _ext else 0, torch.float32, "gaussian", False,
             out.device, [_row(out, out, key, offset)], seed=seed, query=query, stream=stream)
 
 
+@register("stochastic_round", NAME)
 def stochastic_round(x: torch.Tensor, out: torch.Tensor, seed: int, key: int, query: int, stream: int,
                      offset: int) -> None:
     _launch("stochastic_round", _ext.OPS["stochastic_round"] if _ext else 0, out.dtype, "gaussian", True,
             x.device, [_row(x, out, key, offset)], seed=seed, query=query, stream=stream)
 
 
+@register("perturb_", NAME)
 def perturb_(group: Group, seed: int, scale: float, query: int, dist: str, rounding: str,
              sr_stream: int) -> None:
     rows = [_row(t, t, k, o) for t, k, o in zip(group.tensors, group.keys, group.offsets)]
@@ -161,6 +159,7 @@ def perturb_(group: Group, seed: int, scale: float, query: int, dist: str, round
             group.device, rows, seed=seed, scale=scale, query=query, sr_stream=sr_stream)
 
 
+@register("perturbed_copy", NAME)
 def perturbed_copy(group: Group, outs: list[torch.Tensor], seed: int, scale: float, query: int, dist: str,
                    rounding: str, sr_stream: int) -> None:
     rows = [_row(t, o, k, off) for t, o, k, off in zip(group.tensors, outs, group.keys, group.offsets)]
@@ -168,6 +167,7 @@ def perturbed_copy(group: Group, outs: list[torch.Tensor], seed: int, scale: flo
             group.device, rows, seed=seed, scale=scale, query=query, sr_stream=sr_stream)
 
 
+@register("zo_update_", NAME)
 def zo_update_(group: Group, spec: UpdateSpec) -> None:
     rows = [_row(t, t, k, o, lr, wd)
             for t, k, o, lr, wd in zip(group.tensors, group.keys, group.offsets, group.lrs, group.wds)]
@@ -178,10 +178,14 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
             coeffs=coeffs, restore_scale=spec.restore_scale, restore_query=spec.restore_query)
 
 
-# A zokernels._cuda built before the masked / quantized-weight kernels existed lacks their entry points: the
-# ops are then not offered, so zokernels.ops and quant_backend fall back to another backend (deterministically)
-# instead of failing at the launch with an AttributeError.
-if _ext is None or hasattr(_ext, "launch_masked"):
-    from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
-if _ext is None or hasattr(_ext, "launch_quant"):
-    from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401
+def missing_entry(entry: str, what: str):
+    """supports() of ops whose kernels a zokernels._cuda build may predate: the reason when `entry` is missing."""
+    def supports(device: torch.device, call: dict) -> str | None:
+        if _ext is not None and not hasattr(_ext, entry):
+            return (f"this zokernels._cuda build has no {what} kernels (built before them); rebuild it: "
+                    "pip install --no-build-isolation .")
+        return None
+    return supports
+
+
+from . import masked, quant  # noqa: E402,F401  (their ops register on import)

@@ -9,25 +9,19 @@ Called with CPU tensors, the kernels' grid runs on the host (tests); zokernels.o
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .._common import Group, UpdateSpec
-from . import _DIST_TAG, _DTYPE_TAG, _TABLE_CACHE_SIZE, LAUNCHES, NOT_BUILT, _ext, _f32_bits, _signed64, _tables
+from ... import contract as C
+from .._common import Group, UpdateSpec, chunk_table
+from ..registry import register
+from . import missing_entry, _DIST_TAG, _DTYPE_TAG, LAUNCHES, NOT_BUILT, _ext, _f32_bits, _signed64, _tables
 
-
-def _matrix(shape) -> tuple[int, int]:
-    numel = math.prod(shape)
-    if len(shape) <= 1 or shape[0] == 0:
-        return 1, numel
-    return int(shape[0]), numel // int(shape[0])
 
 
 def _geometry(mask, offset: int, numel: int) -> tuple[int, int, int, int, int]:
     """(format, k, ncols, npb, work items) of a mask on a tensor at `offset`."""
     fmt = _ext.MASK_FORMATS[mask.kind]
-    ncols = _matrix(mask.shape)[1]
+    ncols = C.matrix_shape(mask.shape)[1]
     if mask.kind == "bits":
         items = ((offset + numel - 1) >> 2) - (offset >> 2) + 1 if numel else 0
         return fmt, 0, ncols, 1, items
@@ -60,20 +54,14 @@ def _rows(tensors, outs, masks, keys, offsets, lrs, wds) -> tuple:
 
 def _table(device: torch.device, rows: tuple) -> tuple[torch.Tensor, int]:
     """(int64 [T, MASK_COLS] table on `device`, CUDA blocks), cached like the dense tables."""
-    cache_key = ("masked", device, rows)
-    hit = _tables.get(cache_key)
-    if hit is not None:
-        _tables.move_to_end(cache_key)
-        return hit
-    flat, chunks = [], 0
-    for src, dst, numel, key, off, lr_wd, idx, fmt, k, ncols, npb, block, items in rows:
-        flat += [src, dst, numel, key, off, chunks, lr_wd, idx, fmt, k, ncols, npb, block, items, 0, 0]
-        chunks += -(-items // _ext.MASK_CHUNK_ITEMS)
-    table = torch.tensor(flat, dtype=torch.int64).view(-1, _ext.MASK_COLS).to(device)
-    _tables[cache_key] = (table, chunks)
-    if len(_tables) > _TABLE_CACHE_SIZE:
-        _tables.popitem(last=False)
-    return table, chunks
+    def build():
+        firsts, chunks = chunk_table([(0, r[-1]) for r in rows], _ext.MASK_CHUNK_ITEMS)
+        flat = []
+        for (src, dst, numel, key, off, lr_wd, idx, fmt, k, ncols, npb, block, items), first in zip(rows, firsts):
+            flat += [src, dst, numel, key, off, first, lr_wd, idx, fmt, k, ncols, npb, block, items, 0, 0]
+        return torch.tensor(flat, dtype=torch.int64).view(-1, _ext.MASK_COLS).to(device), chunks.shape[0]
+
+    return _tables.get(("masked", device, rows), build)
 
 
 def _launch(name: str, op: str, group: Group, masks: list, outs, dist: str, stochastic: bool, *, seed: int,
@@ -102,6 +90,11 @@ def _launch(name: str, op: str, group: Group, masks: list, outs, dist: str, stoc
     LAUNCHES[name] += 1
 
 
+_masked_kernels = missing_entry("launch_masked", "masked (MaZO)")
+
+
+@register("masked_perturb_", "cuda", supports=_masked_kernels)
+@register("masked_perturbed_copy", "cuda", supports=_masked_kernels)
 def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, seed: int, scale: float,
                     query: int, dist: str, rounding: str, sr_stream: int) -> None:
     """dst[m] = R(theta[m] + scale * z_query[m]) on masked m; dst = theta (outs None) or outs[i]."""
@@ -109,6 +102,7 @@ def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, 
             scale=scale, query=query, sr_stream=sr_stream)
 
 
+@register("masked_zo_update_", "cuda", supports=_masked_kernels)
 def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
     """theta[m] <- R(theta'[m] - lr (sum_q c_q z_q[m] + wd theta'[m])) on masked m; one launch per group."""
     _launch("masked_zo_update_", "zo_update", group, masks, None, spec.dist, spec.rounding == "stochastic",

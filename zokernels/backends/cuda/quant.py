@@ -1,8 +1,8 @@
 """QuZO quantized-weight ops of the CUDA backend (csrc/zo_quant.cuh): one launch per weight and op.
 
-Interface and contract: zokernels/quant/ops.py (module docstring); element math: the reference backend's
-quant.py, reproduced bitwise. Saturation counts are added to the caller's int64 [1] tensor with one atomic
-per warp (no host sync). Called with CPU tensors, the same element code runs on the host (tests).
+The ops and their contract: zokernels/ops/quant.py (module docstring); element math: the reference backend's
+quant.py (zokernels/numerics.py), reproduced bitwise. Saturation counts are added to the caller's int64 [1]
+tensor with one atomic per warp (no host sync). Called with CPU tensors, the same element code runs on the host (tests).
 """
 from __future__ import annotations
 
@@ -10,11 +10,17 @@ from typing import Sequence
 
 import torch
 
-from . import _DIST_TAG, _DTYPE_TAG, NOT_BUILT, _ext
+from ..registry import register
+from . import _DIST_TAG, _DTYPE_TAG, NAME, NOT_BUILT, _ext, missing_entry
 
 _OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 4}  # QO_*; grid: QO_GRID
-# quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out (builds that have QO_PACKED)
-QUANT_PROBE_PACKED_INT4 = _ext is None or hasattr(_ext, "QUANT_OUT_PACKED")
+_quant_kernels = missing_entry("launch_quant", "QuZO quantized-weight")
+_packed_out = missing_entry("QUANT_OUT_PACKED", "packed int4 probe output (quant_probe into uint8 [N, Kp/2])")
+
+
+def _probe_supported(device: torch.device, call: dict) -> str | None:
+    """supports() of quant_probe: the quant kernels, and for call out "packed-int4" the packed output."""
+    return _quant_kernels(device, call) or (_packed_out(device, call) if call.get("out") == "packed-int4" else None)
 
 
 def _geometry(q: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int) -> tuple[int, int, int]:
@@ -45,6 +51,7 @@ def _run(*, op: str, fmt: str, n: int, k: int, q: torch.Tensor, scale: torch.Ten
         _ext.launch_quant(*args, index, torch.cuda.current_stream(device).cuda_stream)
 
 
+@register("quant_quantize", NAME, supports=_quant_kernels)
 def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int, rounding: str, seed: int,
                    key: int, out: torch.Tensor) -> None:
     """out <- storage of R(w / s) (nearest or SR with STREAM_QUANT_SR, query 0); int4 padding nibbles 0."""
@@ -53,6 +60,7 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
          w=w, stochastic=rounding == "stochastic")
 
 
+@register("quant_probe", NAME, supports=_probe_supported)
 def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                 seed: int, key: int, query: int, eps: float, sign: int, dist: str, out: torch.Tensor,
                 saturated: torch.Tensor) -> None:
@@ -64,6 +72,7 @@ def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int
          out_kind=out_kind, out=out, saturated=saturated, query=query, eps=eps, sign=sign)
 
 
+@register("quant_update_", NAME, supports=_quant_kernels)
 def quant_update_(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                   seed: int, key: int, coeffs: Sequence[float], lr: float, eps: float, form: str, dist: str,
                   saturated: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from .._common import Group, UpdateSpec
+from ..registry import register
 from . import philox as P
 
 NAME = "reference"
@@ -19,6 +20,7 @@ def _chunks(n: int):
         yield start, min(CHUNK, n - start)
 
 
+@register("philox", NAME)
 def philox(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """Philox4x32-10 of int64 counters [n, 4] (uint32 values) -> int64 [n, 4]."""
     c = counters.to(torch.int64)
@@ -26,6 +28,7 @@ def philox(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     return torch.stack(out, dim=1)
 
 
+@register("perturbation", NAME)
 def fill_perturbation(out: torch.Tensor, seed: int, key: int, query: int, stream: int, dist: str,
                       offset: int) -> None:
     flat = out.view(-1)
@@ -34,12 +37,14 @@ def fill_perturbation(out: torch.Tensor, seed: int, key: int, query: int, stream
         flat[start:start + n].copy_(z)
 
 
+@register("uniform", NAME)
 def fill_uniform(out: torch.Tensor, seed: int, key: int, query: int, stream: int, offset: int) -> None:
     flat = out.view(-1)
     for start, n in _chunks(flat.numel()):
         flat[start:start + n].copy_(P.uniform_range(offset + start, n, seed, key, query, stream, out.device))
 
 
+@register("stochastic_round", NAME)
 def stochastic_round(x: torch.Tensor, out: torch.Tensor, seed: int, key: int, query: int, stream: int,
                      offset: int) -> None:
     src, dst = x.view(-1), out.view(-1)
@@ -56,6 +61,7 @@ def _perturbed(theta: torch.Tensor, start: int, n: int, offset: int, key: int, s
                       lambda: P.uniform_range(offset + start, n, seed, key, query, sr_stream, theta.device))
 
 
+@register("perturb_", NAME)
 def perturb_(group: Group, seed: int, scale: float, query: int, dist: str, rounding: str,
              sr_stream: int) -> None:
     for t, key, off in zip(group.tensors, group.keys, group.offsets):
@@ -66,6 +72,7 @@ def perturb_(group: Group, seed: int, scale: float, query: int, dist: str, round
                                    sr_stream, t.dtype))
 
 
+@register("perturbed_copy", NAME)
 def perturbed_copy(group: Group, outs: list[torch.Tensor], seed: int, scale: float, query: int, dist: str,
                    rounding: str, sr_stream: int) -> None:
     for t, out, key, off in zip(group.tensors, outs, group.keys, group.offsets):
@@ -75,24 +82,16 @@ def perturbed_copy(group: Group, outs: list[torch.Tensor], seed: int, scale: flo
                                                   query, dist, rounding, sr_stream, out.dtype))
 
 
+@register("zo_update_", NAME)
 def zo_update_(group: Group, spec: UpdateSpec) -> None:
     for t, key, off, lr, wd in zip(group.tensors, group.keys, group.offsets, group.lrs, group.wds):
         flat = t.view(-1)
         for start, n in _chunks(flat.numel()):
             chunk = flat[start:start + n]
-            theta = chunk.to(torch.float32)
-            if spec.restore_scale is not None:
-                z = P.z_range(off + start, n, spec.seed, key, spec.restore_query, 0, spec.dist, t.device)
-                theta = theta + z * spec.restore_scale
-            acc = None
-            for q, c in enumerate(spec.coeffs):
-                term = P.z_range(off + start, n, spec.seed, key, q, 0, spec.dist, t.device) * c
-                acc = term if acc is None else acc + term
-            if acc is None:
-                acc = torch.zeros_like(theta)
-            new = theta - (acc + theta * wd) * lr
+            new = P.zo_updated(chunk.to(torch.float32),
+                               lambda q: P.z_range(off + start, n, spec.seed, key, q, 0, spec.dist, t.device),
+                               spec.coeffs, lr, wd, spec.restore_scale, spec.restore_query)
             chunk.copy_(P.round_to(new, t.dtype, spec.rounding,
                                    lambda: P.uniform_range(off + start, n, spec.seed, key, 0, spec.sr_stream,
                                                            t.device)))
-from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
-from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO)
+from . import masked, quant, quant_matmul  # noqa: E402,F401  (their ops register on import)

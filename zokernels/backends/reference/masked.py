@@ -15,21 +15,16 @@ import torch
 
 from ... import contract as C
 from .._common import Group, UpdateSpec
-from .philox import box_muller, half_open_unit, philox4x32, round_to  # the package's `philox` is the op
+from ..registry import register
+from .philox import box_muller, half_open_unit, philox4x32, round_to, zo_updated  # the package's `philox` is the op
 
 CHUNK = 1 << 20  # masked elements per chunk
 
 
-def _matrix(shape) -> tuple[int, int]:
-    numel = math.prod(shape)
-    if len(shape) <= 1 or shape[0] == 0:
-        return 1, numel
-    return int(shape[0]), numel // int(shape[0])
-
 
 def mask_chunks(mask):
     """int64 local flat indices of the masked elements, ascending, in chunks of ~CHUNK."""
-    rows, ncols = _matrix(mask.shape)
+    rows, ncols = C.matrix_shape(mask.shape)
     idx = mask.index
     dev = idx.device
     if mask.kind == "rows":
@@ -88,6 +83,8 @@ def uniform_at(j: torch.Tensor, seed: int, key: int, query: int, stream: int) ->
     return half_open_unit(r)
 
 
+@register("masked_perturb_", "reference")
+@register("masked_perturbed_copy", "reference")
 def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, seed: int, scale: float,
                     query: int, dist: str, rounding: str, sr_stream: int) -> None:
     """dst[m] = R(theta[m] + scale * z_query[m]); dst = theta (outs None) or outs[i]."""
@@ -102,6 +99,7 @@ def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, 
             dst[loc] = round_to(x, t.dtype, rounding, lambda: uniform_at(j, seed, key, query, sr_stream))
 
 
+@register("masked_zo_update_", "reference")
 def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
     for t, key, off, lr, wd, mask in zip(group.tensors, group.keys, group.offsets, group.lrs, group.wds, masks):
         flat = t.view(-1)
@@ -109,15 +107,7 @@ def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
             if not loc.numel():
                 continue
             j = loc + off
-            theta = flat[loc].to(torch.float32)
-            if spec.restore_scale is not None:
-                theta = theta + z_at(j, spec.seed, key, spec.restore_query, C.STREAM_Z, spec.dist) * spec.restore_scale
-            acc = None
-            for q, c in enumerate(spec.coeffs):
-                term = z_at(j, spec.seed, key, q, C.STREAM_Z, spec.dist) * c
-                acc = term if acc is None else acc + term
-            if acc is None:
-                acc = torch.zeros_like(theta)
-            new = theta - (acc + theta * wd) * lr
+            new = zo_updated(flat[loc].to(torch.float32), lambda q: z_at(j, spec.seed, key, q, C.STREAM_Z, spec.dist),
+                             spec.coeffs, lr, wd, spec.restore_scale, spec.restore_query)
             flat[loc] = round_to(new, t.dtype, spec.rounding,
                                    lambda: uniform_at(j, spec.seed, key, 0, spec.sr_stream))

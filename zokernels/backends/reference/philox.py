@@ -124,3 +124,15 @@ def round_to(x: torch.Tensor, dtype: torch.dtype, rounding: str, v_fn) -> torch.
     if rounding == "nearest":
         return x.to(dtype)
     return stochastic_round(x, v_fn(), dtype)
+
+
+def zo_updated(theta: torch.Tensor, z_of_query, coeffs, lr: float, wd: float, restore_scale: float | None,
+               restore_query: int) -> torch.Tensor:
+    """theta' - lr * (sum_q coeffs[q] * z_q + wd * theta') in float32, theta' = theta + restore_scale * z_rq
+    (theta' = theta when restore_scale is None); z_of_query(q) gives z_q for theta's elements."""
+    if restore_scale is not None:
+        theta = theta + z_of_query(restore_query) * restore_scale
+    acc = torch.zeros_like(theta)
+    for q, c in enumerate(coeffs):
+        acc = z_of_query(q) * c if q == 0 else acc + z_of_query(q) * c
+    return theta - (acc + theta * wd) * lr

@@ -12,35 +12,34 @@ from __future__ import annotations
 
 import collections
 import os
-from collections import OrderedDict
 from typing import NamedTuple
 
 import torch
 
 from ... import contract as C
-from .._common import Group, UpdateSpec
+from .._common import Group, TableCache, UpdateSpec, chunk_table, philox_span
+from ..registry import register
 
 NAME = "triton"
 
 # Kernel launches by kernel name: tests assert that the Triton path ran, once per group.
 LAUNCHES: collections.Counter = collections.Counter()
 
-# Philox blocks (rows of 4 elements) per program. GPU: 512 rows = 2048 elements per program with 4 warps,
-# a starting point in the usual 1K-4K elements per program of memory-bound elementwise kernels; pending
-# measurement on a GPU (none was available when this was written). Interpreter: each tile operation costs
-# a roughly fixed Python overhead, so bigger tiles are faster there.
+# Philox blocks (rows of 4 elements) per program. GPU: 512 rows = 2048 elements per program with 4 warps, inside
+# the usual 1K-4K elements per program of memory-bound elementwise kernels; not yet measured on a GPU.
+# Interpreter: each tile operation costs a roughly fixed Python
+# overhead, so bigger tiles are faster there.
 BLOCKS_GPU = 512
 NUM_WARPS_GPU = 4
 BLOCKS_INTERPRETER = 1024
 PHILOX_BLOCK = 256          # rows per program of the raw philox() op (known-answer tests)
-TABLE_CACHE_SIZE = 64       # cached table sets (tensor lists) per process
 
 _kernels = None
 _kernels_error: str | None = None
 _triton_error: str | None = None
 _triton_checked = False
 _launch_options: dict = {"enable_fp_fusion": False}
-_cache: OrderedDict = OrderedDict()
+_cache = TableCache()         # launch tables of every kernel family (dense, masked, quant)
 
 _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
@@ -152,15 +151,7 @@ class _Tables(NamedTuple):
 
 
 def _cached(key, build):
-    hit = _cache.get(key)
-    if hit is not None:
-        _cache.move_to_end(key)
-        return hit
-    value = build()
-    _cache[key] = value
-    while len(_cache) > TABLE_CACHE_SIZE:
-        _cache.popitem(last=False)
-    return value
+    return _cache.get(key, build)
 
 
 def _deltas(tensors: list[torch.Tensor], base: int) -> list[int]:
@@ -180,15 +171,8 @@ def _deltas(tensors: list[torch.Tensor], base: int) -> list[int]:
 
 def _build_tables(rows: tuple, blocks: int, device: torch.device, base: int) -> _Tables:
     tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, 4)
-    numel, offset = tab[:, 1], tab[:, 3]
-    first = offset >> 2
-    last = (offset + numel - 1) >> 2
-    programs = torch.where(numel > 0, (last - first) // blocks + 1, torch.zeros_like(numel))
-    index = torch.repeat_interleave(torch.arange(len(rows), dtype=torch.int64), programs)
-    start = torch.cumsum(programs, 0) - programs
-    within = torch.arange(index.numel(), dtype=torch.int64) - start[index]
-    chunks = torch.stack([index, first[index] + within * blocks], dim=1).contiguous()
-    return _Tables(tab.to(device), chunks.to(device), index.numel(), base, _quads(rows))
+    _, chunks = chunk_table([philox_span(o, n) for _, n, _, o in rows], blocks)
+    return _Tables(tab.to(device), chunks.to(device), chunks.shape[0], base, _quads(rows))
 
 
 def _quads(rows) -> bool:
@@ -268,6 +252,7 @@ def _c1_high(query: int, stream: int) -> int:
 
 
 # ----------------------------------------------------------------------------- interface
+@register("philox", NAME)
 def philox(counters: torch.Tensor, key: tuple[int, int]) -> torch.Tensor:
     """Philox4x32-10 of int64 counters [n, 4] (uint32 values) -> int64 [n, 4]."""
     kernels = _k()
@@ -290,17 +275,20 @@ def _fill(mode: int, src: torch.Tensor, out: torch.Tensor, seed: int, key: int, 
             MODE=mode, GAUSSIAN=gaussian, KIND=_KIND[out.dtype], BLOCKS=blocks, ALIGNED=tabs.aligned)
 
 
+@register("perturbation", NAME)
 def fill_perturbation(out: torch.Tensor, seed: int, key: int, query: int, stream: int, dist: str,
                       offset: int) -> None:
     """out[i] = z(seed, stream, query, key, offset + i) (float32)."""
     _fill(0, out, out, seed, key, query, stream, dist == "gaussian", offset)
 
 
+@register("uniform", NAME)
 def fill_uniform(out: torch.Tensor, seed: int, key: int, query: int, stream: int, offset: int) -> None:
     """out[i] = v(seed, stream, query, key, offset + i) in [0, 1) (float32)."""
     _fill(1, out, out, seed, key, query, stream, True, offset)
 
 
+@register("stochastic_round", NAME)
 def stochastic_round(x: torch.Tensor, out: torch.Tensor, seed: int, key: int, query: int, stream: int,
                      offset: int) -> None:
     """out = SR(x float32 -> out.dtype) with the uniforms v of (seed, stream, query, key, offset + i)."""
@@ -328,18 +316,21 @@ def _perturb(group: Group, outs: list[torch.Tensor] | None, seed: int, scale: fl
             BLOCKS=blocks, ALIGNED=aligned)
 
 
+@register("perturb_", NAME)
 def perturb_(group: Group, seed: int, scale: float, query: int, dist: str, rounding: str,
              sr_stream: int) -> None:
     """theta <- R(theta + scale * z_query), one launch for the group."""
     _perturb(group, None, seed, scale, query, dist, rounding, sr_stream)
 
 
+@register("perturbed_copy", NAME)
 def perturbed_copy(group: Group, outs: list[torch.Tensor], seed: int, scale: float, query: int, dist: str,
                    rounding: str, sr_stream: int) -> None:
     """outs[i] = R(theta_i + scale * z_query), one launch for the group."""
     _perturb(group, outs, seed, scale, query, dist, rounding, sr_stream)
 
 
+@register("zo_update_", NAME)
 def zo_update_(group: Group, spec: UpdateSpec) -> None:
     """theta <- R(theta' - lr * (sum_q c_q z_q + wd * theta')), theta' = theta (+ restore_scale * z_rq);
     one launch for the group, queries looped inside the kernel."""
@@ -358,5 +349,4 @@ def zo_update_(group: Group, spec: UpdateSpec) -> None:
             _c1_high(spec.restore_query if restore else 0, C.STREAM_Z), _c1_high(0, spec.sr_stream),
             KIND=_KIND[group.dtype], GAUSSIAN=spec.dist == "gaussian", STOCHASTIC=stochastic, RESTORE=restore,
             BLOCKS=blocks, ALIGNED=tabs.aligned)
-from .masked import masked_perturb_, masked_zo_update_  # noqa: E402,F401  (MaZO masked ops)
-from .quant import QUANT_PROBE_PACKED_INT4, quant_probe, quant_quantize, quant_update_  # noqa: E402,F401  (QuZO)
+from . import masked, quant, quant_matmul  # noqa: E402,F401  (their ops register on import)

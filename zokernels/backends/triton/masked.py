@@ -6,12 +6,11 @@ dense kernels. Masks are duck-typed (kind, shape, index, block; see zokernels.ma
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from ... import contract as C
-from .._common import Group, UpdateSpec
+from .._common import Group, UpdateSpec, chunk_table, philox_span
+from ..registry import register
 from . import _KIND, _cached, _deltas, _i64, _launch, _lr_wd, _pointer, _seed_words, _c1_high
 
 FORMATS = {"rows": 0, "blocks": 1, "bits": 2}
@@ -33,12 +32,6 @@ def _kernels():
     return _mk
 
 
-def _matrix(shape) -> tuple[int, int]:
-    numel = math.prod(shape)
-    if len(shape) <= 1 or shape[0] == 0:
-        return 1, numel
-    return int(shape[0]), numel // int(shape[0])
-
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
@@ -50,7 +43,7 @@ def _geometry(mask, offset: int) -> tuple[int, int, int, bool]:
     fmt = FORMATS[mask.kind]
     if fmt != 1:
         return fmt, 1, 1, False
-    ncols = _matrix(mask.shape)[1]
+    ncols = C.matrix_shape(mask.shape)[1]
     quads = offset % 4 == 0 and ncols % 4 == 0 and mask.block % 4 == 0
     return fmt, _next_pow2(-(-mask.block // 4) + (0 if quads else 1)), mask.block, quads
 
@@ -76,7 +69,7 @@ def _tables(tensors, masks, keys, offsets, outs, fmt: int, npb: int, blocks: int
     o_d = _deltas(outs, base) if outs is not None else w_d
     rows = []
     for t, m, k, off, wd, idd, od in zip(tensors, masks, keys, offsets, w_d, i_d, o_d):
-        nrows, ncols = _matrix(m.shape)
+        nrows, ncols = C.matrix_shape(m.shape)
         if fmt == 2:
             kk, count = 1, t.numel()
         else:
@@ -87,20 +80,12 @@ def _tables(tensors, masks, keys, offsets, outs, fmt: int, npb: int, blocks: int
 
     def build():
         tab = torch.tensor(rows, dtype=torch.int64).reshape(-1, 8)
-        chunks = []
-        for ti, r in enumerate(rows):
-            off, count = r[5], r[6]
-            if fmt == 0:
-                starts = range(0, count, blocks)
-            elif fmt == 1:
-                starts = range(0, count, blocks // npb)
-            else:
-                first, last = off >> 2, (off + count - 1) >> 2
-                starts = range(first, last + 1, blocks)
-            chunks.extend((ti, s) for s in starts)
-        ch = torch.tensor(chunks, dtype=torch.int64).reshape(-1, 2)
+        if fmt == 2:  # bits: the tensor's Philox blocks
+            _, chunks = chunk_table([philox_span(r[5], r[6]) for r in rows], blocks)
+        else:         # rows: one element per index entry; blocks: npb Philox blocks per entry
+            _, chunks = chunk_table([(0, r[6]) for r in rows], blocks if fmt == 0 else blocks // npb)
         aligned = quads and all(r[0] % 4 == 0 and r[7] % 4 == 0 for r in rows)
-        return tab.to(device), ch.to(device), len(chunks), aligned
+        return tab.to(device), chunks.to(device), chunks.shape[0], aligned
 
     return _cached(("masked", device, fmt, npb, blocks, quads, rows), build)
 
@@ -110,6 +95,8 @@ def _blocks(device: torch.device, fmt: int, npb: int) -> int:
     return max(b, npb)
 
 
+@register("masked_perturb_", "triton")
+@register("masked_perturbed_copy", "triton")
 def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, seed: int, scale: float,
                     query: int, dist: str, rounding: str, sr_stream: int) -> None:
     """dst[m] = R(theta[m] + scale * z_query[m]) on masked m; dst = theta (outs None) or outs[i]."""
@@ -133,6 +120,7 @@ def masked_perturb_(group: Group, masks: list, outs: list[torch.Tensor] | None, 
                 COPY=o is not None, BLOCKS=blocks, NPB=npb, BCOLS=bcols, ALIGNED=aligned)
 
 
+@register("masked_zo_update_", "triton")
 def masked_zo_update_(group: Group, masks: list, spec: UpdateSpec) -> None:
     """theta[m] <- R(theta'[m] - lr (sum_q c_q z_q[m] + wd theta'[m])) on masked m; one launch per set."""
     mk = _kernels()

@@ -1,8 +1,8 @@
 """QuZO quantized-weight ops of the Triton backend: host side (kernels: quant_kernels.py, imported lazily).
 
-Interface and contract: zokernels/quant/ops.py (module docstring); element math: the reference backend's
-quant.py, reproduced bitwise. One launch per weight and op; saturation counts are atomically added to
-the caller's int64 [1] tensor (no host sync).
+The ops and their contract: zokernels/ops/quant.py (module docstring); element math: the reference
+backend's quant.py (zokernels/numerics.py), reproduced bitwise. One launch per weight and op; saturation
+counts are atomically added to the caller's int64 [1] tensor (no host sync).
 """
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from typing import Sequence
 import torch
 
 from ... import contract as C
-from . import _KIND, _c1_high, _i32, _launch, _pointer, _seed_words
+from ... import numerics as N
+from ..registry import register
+from . import _KIND, NAME, _c1_high, _i32, _launch, _pointer, _seed_words
 
 FMT = {"int8": 0, "int4": 1, "fp8": 2}
-QMAX = {"int8": 127, "int4": 7, "fp8": 448.0}
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.float8_e4m3fn: 4,
             torch.uint8: 5}
-QUANT_PROBE_PACKED_INT4 = True   # quant_probe writes packed int4 (uint8 [N, Kp/2]) when given such an out
 # Philox rows per program (tile of 4 * BLOCKS elements; int4 writes: 4 * BLOCKS bytes). GPU: a starting
 # point, pending measurement (no GPU when this was written); smaller than the dense kernels' 512 because
 # the update keeps several Philox states live per element. Interpreter: big tiles are faster.
@@ -74,10 +74,7 @@ def _write_programs(fmt: str, n: int, k: int, kb: int, blocks: int) -> tuple[int
     return _tile_programs(n * k, blocks), quad
 
 
-def _f32(x: float) -> float:
-    return float(torch.tensor(float(x), dtype=torch.float32))
-
-
+@register("quant_quantize", NAME)
 def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: int, rounding: str, seed: int,
                    key: int, out: torch.Tensor) -> None:
     """out <- storage of R(w / s) (nearest or SR with STREAM_QUANT_SR, query 0); int4 padding nibbles 0."""
@@ -92,10 +89,11 @@ def quant_quantize(w: torch.Tensor, scale: torch.Tensor, fmt: str, group_size: i
         out[:, k // 2:].zero_()   # padding bytes: the tile path writes only the bytes of real columns
     _launch(qk.quantize_kernel, (programs,), w.device, _pointer(w), scale, _storage(out), n, k, kb, scols,
             *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_QUANT_SR),
-            QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, KIND=_KIND[w.dtype], STOCHASTIC=rounding == "stochastic",
+            QMAX=C.QMAX[fmt], FMT=FMT[fmt], GROUP=group, KIND=_KIND[w.dtype], STOCHASTIC=rounding == "stochastic",
             QUAD=quad, BLOCKS=blocks)
 
 
+@register("quant_probe", NAME)
 def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                 seed: int, key: int, query: int, eps: float, sign: int, dist: str, out: torch.Tensor,
                 saturated: torch.Tensor) -> None:
@@ -112,18 +110,18 @@ def quant_probe(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int
         if k % 4:
             vals = torch.empty(shape, dtype=torch.int8, device=q.device)
             quant_probe(q, scale, fmt, shape, group_size, seed, key, query, eps, sign, dist, vals, saturated)
-            full = torch.nn.functional.pad(vals.to(torch.int32), (0, 2 * kb - k))
-            out.copy_(((full[:, 0::2] & 0xF) | ((full[:, 1::2] & 0xF) << 4)).to(torch.uint8))
+            out.copy_(N.pack_int4_padded(vals, 2 * kb))
             return
         if 2 * kb > k:
             out[:, k // 2:].zero_()   # padding bytes: the tile writes only the bytes of real columns
     _launch(qk.probe_kernel, (programs,), q.device, _storage(q), scale, _storage(out), saturated, n, k, kb, scols,
             *_seed_words(seed), *_key_words(key), _c1_high(query, C.STREAM_Z),
-            _c1_high(query, C.STREAM_QUZO_PROBE), _f32(eps), int(sign),
-            QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, OUT=OUT_KIND[out.dtype], GAUSSIAN=dist == "gaussian",
+            _c1_high(query, C.STREAM_QUZO_PROBE), C.round_f32(eps), int(sign),
+            QMAX=C.QMAX[fmt], FMT=FMT[fmt], GROUP=group, OUT=OUT_KIND[out.dtype], GAUSSIAN=dist == "gaussian",
             BLOCKS=blocks)
 
 
+@register("quant_update_", NAME)
 def quant_update_(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[int, int], group_size: int,
                   seed: int, key: int, coeffs: Sequence[float], lr: float, eps: float, form: str, dist: str,
                   saturated: torch.Tensor) -> None:
@@ -137,6 +135,7 @@ def quant_update_(q: torch.Tensor, scale: torch.Tensor, fmt: str, shape: tuple[i
         return
     c = torch.tensor(list(coeffs) or [0.0], dtype=torch.float32).to(q.device)
     _launch(qk.update_kernel, (programs,), q.device, _storage(q), scale, c, saturated, len(coeffs), n, k, kb, scols,
-            *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_UPDATE_SR), _f32(lr), _f32(eps),
-            QMAX=QMAX[fmt], FMT=FMT[fmt], GROUP=group, PAPER=form == "paper", GAUSSIAN=dist == "gaussian",
+            *_seed_words(seed), *_key_words(key), _c1_high(0, C.STREAM_UPDATE_SR), C.round_f32(lr),
+            C.round_f32(eps),
+            QMAX=C.QMAX[fmt], FMT=FMT[fmt], GROUP=group, PAPER=form == "paper", GAUSSIAN=dist == "gaussian",
             QUAD=quad, BLOCKS=blocks)

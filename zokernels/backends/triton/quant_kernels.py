@@ -1,4 +1,4 @@
-"""Triton kernels of the QuZO quantized-weight ops (zokernels/quant/ops.py docstring; element math of
+"""Triton kernels of the QuZO quantized-weight ops (zokernels/ops/quant.py docstring; element math of
 zokernels/backends/reference/quant.py, reproduced bitwise). Imported only by quant.py, after it
 checked that triton and the dense kernels load.
 
@@ -28,8 +28,8 @@ from .kernels import _load_f32, _round_store, _v_tile, _z_tile
 from .masked_kernels import _v_elem as _v_at  # z / v of arbitrary element indices j (lane j & 3 of block j >> 2)
 from .masked_kernels import _z_elem as _z_at
 
-SR_CLAMP = tl.constexpr(2.0 ** 30)
-E4M3_MAX = tl.constexpr(448.0)
+SR_CLAMP = tl.constexpr(C.SR_CLAMP)
+E4M3_MAX = tl.constexpr(C.E4M3_MAX)
 E4M3_MIN_NORMAL = tl.constexpr(0.015625)    # 2^-6
 STREAM_QUZO_UPDATE = tl.constexpr(C.STREAM_QUZO_UPDATE)
 

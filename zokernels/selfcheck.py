@@ -2,9 +2,9 @@
 sizes, views and offsets are multiples of 4 (the vectorized paths), for tools that watch kernels from outside
 (PYTORCH_NO_CUDA_MEMORY_CACHING=1 gives every tensor its own cudaMalloc, so memcheck sees overruns past it):
 
-    compute-sanitizer --tool memcheck --error-exitcode 3 python -m zokernels.backends.cuda.selfcheck
-    compute-sanitizer --tool memcheck --error-exitcode 3 python -m zokernels.backends.cuda.selfcheck --backend triton
-    compute-sanitizer --tool racecheck python -m zokernels.backends.cuda.selfcheck
+    compute-sanitizer --tool memcheck --error-exitcode 3 python -m zokernels.selfcheck
+    compute-sanitizer --tool memcheck --error-exitcode 3 python -m zokernels.selfcheck --backend triton
+    compute-sanitizer --tool racecheck python -m zokernels.selfcheck
 """
 from __future__ import annotations
 
@@ -12,8 +12,8 @@ import argparse
 
 import torch
 
-from ... import contract as C
-from ... import ops
+from . import contract as C
+from . import ops
 
 
 ODD_SIZES = [278011, 1037, 1, 4099, 3]
@@ -34,7 +34,7 @@ def _quad_group(dtype: torch.dtype) -> tuple[list[torch.Tensor], list[int]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(prog="python -m zokernels.backends.cuda.selfcheck")
+    ap = argparse.ArgumentParser(prog="python -m zokernels.selfcheck")
     ap.add_argument("--backend", choices=("cuda", "triton"), default="cuda")
     backend = ap.parse_args(argv).backend
     for make in (_odd_group, _quad_group):
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def _masked(offsets, keys, backend: str) -> None:
     """Every mask format (rows int16/int32, blocks aligned/unaligned, bits) in one masked launch."""
-    from ...mazo import masks as M
+    from .mazo import masks as M
 
     g = torch.Generator().manual_seed(0)
     shapes = [(61, 1317), (3, 40001), (9, 333), (12, 512), (2053,)]
@@ -83,8 +83,8 @@ def _masked(offsets, keys, backend: str) -> None:
 
 def _quant(backend: str) -> None:
     """Every quantized-weight format and op (odd K, int4 padding, saturation counters)."""
-    from ...quant import formats as F
-    from ...quant import ops as QO
+    from .quant import formats as F
+    from .quant import ops as QO
 
     w = torch.randn(1031, 203, device="cuda")
     for fmt in ("int8", "int4", "fp8"):
