@@ -37,9 +37,9 @@ def test_forced_backend_is_reported_and_named_in_errors(monkeypatch):
     monkeypatch.setenv("ZOKERNELS_BACKEND", "bogus")
     assert "$ZOKERNELS_BACKEND=bogus: every op's backend='auto' means 'bogus'" in environment_report()
     with pytest.raises(BackendUnavailable, match=r"unknown backend 'bogus' \(from \$ZOKERNELS_BACKEND\)"):
-        ops.select_backend(torch.device("cpu"))
+        ops.backend_name("perturb_", torch.device("cpu"))
     monkeypatch.setenv("ZOKERNELS_BACKEND", "reference")
-    assert ops.select_backend(torch.device("cpu")).NAME == "reference"
+    assert ops.backend_name("perturb_", torch.device("cpu")) == "reference"
     with pytest.raises(BackendUnavailable) as info:  # an explicit request is the caller's, not the variable's
-        ops.select_backend(torch.device("cpu"), "bogus")
+        ops.backend_name("perturb_", torch.device("cpu"), "bogus")
     assert "ZOKERNELS_BACKEND" not in str(info.value)

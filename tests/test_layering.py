@@ -95,6 +95,15 @@ def test_log_and_probe_import_nothing_from_optim_or_above():
         assert {d for d in GRAPH[m] if _under(d, *above)} == set(), m
 
 
+def test_core_and_optimizers_import_no_method_package():
+    """masks, step, probe, log, distributed and optim sit below the method packages (mazo, quant, ...)."""
+    core = ("zokernels.masks", "zokernels.step", "zokernels.probe", "zokernels.log", "zokernels.distributed",
+            "zokernels.optim")
+    above = ("zokernels.mazo", "zokernels.quant", "zokernels.hf", "zokernels.cli")
+    bad = {m: sorted(d for d in deps if _under(d, *above)) for m, deps in GRAPH.items() if _under(m, *core)}
+    assert {m: d for m, d in bad.items() if d} == {}
+
+
 def test_nothing_below_hf_imports_transformers():
     for p in ROOT.rglob("*.py"):
         m = _module_name(p)

@@ -124,7 +124,7 @@ def test_zosgd_state_dict_loads_and_its_log_replays(name):
 
 
 def test_quzo_state_dict_loads_and_its_log_replays():
-    from zokernels.optim.quzo import QuZO
+    from zokernels.quant.quzo import QuZO
 
     trained = base_model("quzo_int8")
     trained.load_state_dict(load("quzo_int8", "trained"))

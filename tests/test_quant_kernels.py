@@ -324,7 +324,7 @@ def _mlp(fmt: str):
 def test_quzo_triton_matches_reference_bitwise():
     """Two QuZO steps (int4, paper form) with the Triton kernels and with the reference path (on CPU: the
     step cache of z and Q1): the same losses, gradients, saturation counts and weights, bit for bit."""
-    from zokernels.optim.quzo import QuZO
+    from zokernels.quant.quzo import QuZO
 
     runs = {}
     for backend in ("auto", "triton"):

@@ -1,4 +1,4 @@
-"""QuZO: ZO fine-tuning of quantized models (zokernels.optim.quzo)."""
+"""QuZO: ZO fine-tuning of quantized models (zokernels.quant.quzo)."""
 import math
 
 import pytest
@@ -7,7 +7,7 @@ import torch
 from zokernels import contract as C
 from zokernels import quant
 import zokernels as Z
-from zokernels.optim.quzo import QuZO
+from zokernels.quant.quzo import QuZO
 from zokernels.quant import formats as F
 from zokernels.quant import ops as QO
 from zokernels.quant.variance import compare
@@ -122,7 +122,7 @@ def test_replay_refuses_a_foreign_base_and_old_contracts():
         Z.replay(_tiny_llama("int8")[0], old)
     base = _tiny_llama("int8")[0]
     with pytest.warns(DeprecationWarning, match="replay_quzo is deprecated"):
-        from zokernels.optim.quzo import replay_quzo
+        from zokernels.quant.quzo import replay_quzo
         replay_quzo(base, opt.log)                  # the old name forwards
     assert all(torch.equal(a, b) for a, b in zip(_qstate(model), _qstate(base)))
 

@@ -7,7 +7,7 @@ from .optim import ZOSGD, NonFiniteLoss
 from .log import FineTuneLog, LogMismatch, replay
 from .probe import ProbeError
 from . import quant
-from .optim.quzo import QuZO
+from .quant.quzo import QuZO
 
 __version__ = "0.1.0"
 

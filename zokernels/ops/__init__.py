@@ -3,9 +3,6 @@ and quantized matmuls (matmul.py). Each declaration validates its arguments and 
 registry (zokernels.backends.registry); `python -m zokernels` prints the op x backend table."""
 from __future__ import annotations
 
-import torch
-
-from ..backends import registry
 from ..backends.registry import BACKEND_ENV, BackendUnavailable
 from ._checks import FLOAT_DTYPES, OpError, backend_name
 from ._checks import f32 as _f32  # noqa: F401  (the scalar check other layers share)
@@ -21,12 +18,3 @@ __all__ = ["perturbation", "uniform", "stochastic_round", "perturb_", "perturbed
            "quant_probe", "quant_update_", "quantize_activations", "QUANT_OPS", "w8a8_matmul", "fp8_matmul",
            "w4a16_matmul", "MATMUL_OPS"]
 
-
-def select_backend(device: torch.device, backend: str = "auto"):
-    """The backend module that runs the dense ops on `device` for this request."""
-    return registry.module(backend_name("perturb_", device, backend))
-
-
-def _masked_backend(device: torch.device, backend: str):
-    """The backend module that runs the masked ops on `device` for this request."""
-    return registry.module(backend_name("masked_perturb_", device, backend))

@@ -1,5 +1,5 @@
-"""Drop-in zeroth-order optimizers on one base (ZOOptimizer): `ZOSGD` is MeZO's SPSA-SGD, `QuZO` trains
-quantized weights. Their pure step functions: zokernels.step (ZO-SGD) and quzo.quzo_update."""
+"""Drop-in zeroth-order optimizers on one base (ZOOptimizer): `ZOSGD` is MeZO's SPSA-SGD (its pure step
+functions: zokernels.step). Method packages build theirs on the same base: QuZO in zokernels.quant.quzo."""
 from .base import NonFiniteLoss, ZOOptimizer
 from .zosgd import ZOSGD
 

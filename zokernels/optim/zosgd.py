@@ -10,7 +10,7 @@ from .. import contract as C
 from .. import distributed
 from .. import ops
 from ..log import LogMismatch, base_fingerprint, check_contract, fingerprint_diff, named_tensors, register_optimizer
-from ..mazo.masks import masks_fingerprint, resolve_masks
+from ..masks import masks_fingerprint, resolve_masks
 from ..probe import Prober, ProbeError, StorageReads, watch_original_storages
 from ..step import (PROBE_MODES, ParamTable, PerturbPass, StepConfig, StepRecord, abandon_inplace, apply_step,
                     apply_update, coeffs_representable, finish_inplace, inplace_events, perturb_all,
@@ -118,7 +118,7 @@ class ZOSGD(ZOOptimizer):
         if probe == "hooks" and model is None:
             raise ValueError("probe='hooks' needs the model: pass model=... or the nn.Module itself as params")
         for device in {t.device for g in groups for t in g["params"]}:
-            ops.select_backend(device, backend)  # raises BackendUnavailable with the reason
+            ops.backend_name("zo_update_", device, backend)  # raises BackendUnavailable with every reason
 
         self._init_groups(groups, dict(lr=lr, weight_decay=weight_decay))
         self.model = model
@@ -413,14 +413,13 @@ def _check_param(t: torch.Tensor, name: str) -> None:
 # ---------------------------------------------------------------------- replay
 def resolved_backends(params: ParamTable, backend: str) -> dict[str, str]:
     """{device type: the backend `backend` resolves to there} for the devices of the dense tensors, and
-    {"<device type> masked": ...} for the masked ones (the masked ops may fall back to another backend)."""
+    {"<device type> masked": ...} for the masked ones."""
     masks = params.masks or [None] * len(params.tensors)
     out = {}
     for t, m in zip(params.tensors, masks):
         kind = t.device.type if m is None else f"{t.device.type} masked"
         if kind not in out:
-            mod = ops.select_backend(t.device, backend) if m is None else ops._masked_backend(t.device, backend)
-            out[kind] = mod.NAME
+            out[kind] = ops.backend_name("zo_update_" if m is None else "masked_zo_update_", t.device, backend)
     return dict(sorted(out.items()))
 
 

@@ -25,11 +25,11 @@ import torch
 from .. import contract as C
 from ..log import (FineTuneLog, LogMismatch, base_fingerprint, fingerprint_diff, new_header, register_json_reader,
                    register_optimizer)
-from ..quant import ops as QO
-from ..quant.linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
+from . import ops as QO
+from .linear import ProbeSpec, QuantLinear, quant_layers, quantize_model, weight_key
 from ..step import StepRecord
-from .base import ZOOptimizer, check_choice, check_eps, check_lr, check_n_queries
-from .common import as_float, scalar_loss, user_stacklevel
+from ..optim.base import ZOOptimizer, check_choice, check_eps, check_lr, check_n_queries
+from ..optim.common import as_float, scalar_loss, user_stacklevel
 
 PROBES = ("fused", "inplace")
 
@@ -61,11 +61,6 @@ def quantized_fingerprint(names: list[str], layers: list[QuantLinear]) -> dict:
         named.append((f"{n}.qweight.{m.fmt}", m.qweight.detach().view(torch.uint8).to(torch.int32)))
         named.append((f"{n}.scale", m.scale))
     return base_fingerprint(named)
-
-
-def _backend_name(backend) -> str:
-    """quant.ops.quant_backend's answer as a name (a backend module has .NAME, a name is itself)."""
-    return getattr(backend, "NAME", backend)
 
 
 def layer_key(name: str) -> int:
@@ -194,7 +189,7 @@ class QuZO(ZOOptimizer):
         for dev in devices:
             QO.quant_backend(dev, backend)   # fail here, not mid-step, if the backend cannot run
         if cache_directions is None:
-            cache_directions = all(d.type == "cpu" and _backend_name(QO.quant_backend(d, backend)) == "reference"
+            cache_directions = all(d.type == "cpu" and QO.quant_backend(d, backend) == "reference"
                                    for d in devices)
         self.cache_directions = bool(cache_directions)
         self._new_log([self._names], dict(zip(self._names, keys)), quantized_fingerprint(self._names, self._layers))
@@ -353,7 +348,7 @@ register_json_reader("zokernels.quzo_log", from_json_log)
 
 def __getattr__(name: str):
     if name == "QuZOLog":
-        warnings.warn("zokernels.optim.quzo.QuZOLog is deprecated: QuZO logs are zokernels.FineTuneLog",
+        warnings.warn("zokernels.quant.quzo.QuZOLog is deprecated: QuZO logs are zokernels.FineTuneLog",
                       DeprecationWarning, stacklevel=2)
         return FineTuneLog
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
