@@ -56,7 +56,7 @@ if __package__ in (None, ""):  # `python benchmarks/custom_op.py`: make the repo
 
 import torch  # noqa: E402
 
-from benchmarks.timing import device_info, percentile, time_adaptive  # noqa: E402
+from benchmarks.timing import device_info, percentile, time_adaptive, torch_threads  # noqa: E402
 
 SCHEMA = 1
 NS = "zokernels_bench"
@@ -444,13 +444,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args, sys.argv[1:] if argv is None else list(argv))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

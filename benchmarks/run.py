@@ -22,7 +22,7 @@ import torch  # noqa: E402
 from benchmarks import report  # noqa: E402
 from benchmarks.config import BACKENDS, DTYPES, preset  # noqa: E402
 from benchmarks.record import Results  # noqa: E402
-from benchmarks.timing import device_info, slug  # noqa: E402
+from benchmarks.timing import device_info, slug, torch_threads  # noqa: E402
 
 
 def _csv(kind):
@@ -100,13 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: torch.cuda.is_available() is False on this machine")
-    threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    try:
+    with torch_threads(args.threads):
         return _run(args, sys.argv[1:] if argv is None else list(argv))
-    finally:
-        torch.set_num_threads(threads)
 
 
 def _run(args: argparse.Namespace, argv: list[str]) -> int:

@@ -1,6 +1,7 @@
 """Timing and device facts: CUDA events (or perf_counter on CPU), warmup, repeats, percentiles."""
 from __future__ import annotations
 
+import contextlib
 import gc
 import platform
 import re
@@ -23,6 +24,18 @@ class Timing:
     def as_dict(self) -> dict:
         return {"median_ms": self.median_ms, "p10_ms": self.p10_ms, "p90_ms": self.p90_ms,
                 "repeats": self.repeats}
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None):
+    """torch's CPU thread count set to n (None: unchanged) for the duration, restored after."""
+    before = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def percentile(sorted_values: list[float], q: float) -> float:

@@ -35,6 +35,18 @@ for _op, _summary in (
     registry.declare(_op, _summary)
 
 
+def _float32_target(like, device, seed: int, key: int, query: int, stream: int, offset: int) -> torch.Tensor:
+    """The float32 tensor a materializing op fills, after checking the counter fields it will use."""
+    shape, dev = K.like_shape(like, device)
+    out = torch.empty(shape, dtype=torch.float32, device=dev)
+    C.check_u64(seed, "seed")
+    C.check_u64(key, "key")
+    C.check_query(query)
+    C.check_stream(stream)
+    C.check_range(offset, out.numel())
+    return out
+
+
 def philox4x32(counters: torch.Tensor, key: tuple[int, int], backend: str = "reference") -> torch.Tensor:
     """Raw Philox4x32-10: int64 counters [n, 4] holding uint32 values, key (k0, k1) -> int64 [n, 4].
     For known-answer tests. Mutates nothing."""
@@ -51,31 +63,19 @@ def perturbation(like: torch.Tensor | Sequence[int], seed: int, key: int, query:
                  device: torch.device | str | None = None, backend: str = "auto") -> torch.Tensor:
     """Materialize z(seed, stream, query, key, j) for j = offset .. offset + numel - 1, float32,
     shaped like `like` (a tensor or a shape). For tests and debugging; allocates the full tensor."""
-    shape, dev = K.like_shape(like, device)
-    out = torch.empty(shape, dtype=torch.float32, device=dev)
-    C.check_u64(seed, "seed")
-    C.check_u64(key, "key")
-    C.check_query(query)
-    C.check_stream(stream)
+    out = _float32_target(like, device, seed, key, query, stream, offset)
     C.check_dist(dist)
-    C.check_range(offset, out.numel())
     if out.numel():
-        K.run("perturbation", dev, backend, None, out, seed, key, query, stream, dist, offset)
+        K.run("perturbation", out.device, backend, None, out, seed, key, query, stream, dist, offset)
     return out
 
 
 def uniform(like: torch.Tensor | Sequence[int], seed: int, key: int, query: int = 0, offset: int = 0, *,
             stream: int = C.STREAM_UPDATE_SR, device=None, backend: str = "auto") -> torch.Tensor:
     """Materialize the stochastic-rounding uniforms v in [0, 1) of a stream (float32)."""
-    shape, dev = K.like_shape(like, device)
-    out = torch.empty(shape, dtype=torch.float32, device=dev)
-    C.check_u64(seed, "seed")
-    C.check_u64(key, "key")
-    C.check_query(query)
-    C.check_stream(stream)
-    C.check_range(offset, out.numel())
+    out = _float32_target(like, device, seed, key, query, stream, offset)
     if out.numel():
-        K.run("uniform", dev, backend, None, out, seed, key, query, stream, offset)
+        K.run("uniform", out.device, backend, None, out, seed, key, query, stream, offset)
     return out
 
 
