@@ -14,8 +14,8 @@ from ..registry import register
 from . import _KIND, _cached, _deltas, _i64, _launch, _lr_wd, _pointer, _seed_words, _c1_high
 
 FORMATS = {"rows": 0, "blocks": 1, "bits": 2}
-# Elements per program (rows), Philox rows per tile (blocks, bits). GPU values are starting points
-# pending measurement; the interpreter prefers big tiles (fixed cost per tile operation).
+# Elements per program (rows), Philox rows per tile (blocks, bits). GPU values are not yet measured
+# on a GPU; the interpreter prefers big tiles (fixed cost per tile operation).
 BLOCKS_GPU = {0: 1024, 1: 512, 2: 512}
 BLOCKS_INTERPRETER = {0: 4096, 1: 1024, 2: 1024}
 

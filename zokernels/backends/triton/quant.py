@@ -18,8 +18,8 @@ from . import _KIND, NAME, _c1_high, _i32, _launch, _pointer, _seed_words
 FMT = {"int8": 0, "int4": 1, "fp8": 2}
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.float8_e4m3fn: 4,
             torch.uint8: 5}
-# Philox rows per program (tile of 4 * BLOCKS elements; int4 writes: 4 * BLOCKS bytes). GPU: a starting
-# point, pending measurement (no GPU when this was written); smaller than the dense kernels' 512 because
+# Philox rows per program (tile of 4 * BLOCKS elements; int4 writes: 4 * BLOCKS bytes). GPU: not yet measured
+# on a GPU; smaller than the dense kernels' 512 because
 # the update keeps several Philox states live per element. Interpreter: big tiles are faster.
 BLOCKS_GPU = 256
 BLOCKS_INTERPRETER = 1024

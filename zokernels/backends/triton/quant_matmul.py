@@ -20,7 +20,7 @@ from . import LAUNCHES, NAME
 # W8A8's fixed tiles of the `tiles=` example in the tests and benchmarks.
 GPU_TILES = (64, 64, 64)
 INTERPRETER_TILES = (32, 32, 32)
-# (BM, BN, BK, num_warps, num_stages): untuned starting points, pending a GPU measurement
+# (BM, BN, BK, num_warps, num_stages): not yet measured on a GPU
 # (benchmarks/quant.py records the autotuner's choice per shape).
 SCALED_DOT_CONFIGS = ((128, 128, 64, 8, 3), (128, 128, 128, 8, 3), (128, 64, 64, 4, 4), (64, 128, 64, 4, 4),
                       (64, 64, 64, 4, 4))
