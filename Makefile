@@ -34,3 +34,15 @@ test: $(STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info zokernels/_cuda*.so
+
+# make gpu-wheels    : download the wheels the GPU machine's image may lack into benchmarks/wheels/ (~3.2 MiB,
+#                      ignored by git); the device call carries them: benchmarks/README.md
+# make gpu-rehearsal : benchmarks/gpu_session.sh on CPU in a Python shaped like the GPU image (venv cached in
+#                      ~/.cache/zokernels; tests/test_gpu_rehearsal.py runs it in CI)
+.PHONY: gpu-wheels gpu-rehearsal
+
+gpu-wheels:
+	$(PYTHON) benchmarks/gpu_wheels.py fetch
+
+gpu-rehearsal:
+	bash benchmarks/gpu_rehearsal.sh

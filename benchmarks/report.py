@@ -318,7 +318,11 @@ def write_outputs(data: dict, stem: str) -> dict:
         json.dump(data, f, indent=1, default=str)
     with open(paths["md"], "w") as f:
         f.write(to_markdown(data))
-    plot(data, paths["png"])
+    try:
+        plot(data, paths["png"])
+    except ImportError as e:  # the GPU image may lack matplotlib: `python -m benchmarks.report X.json` redraws it
+        print(f"plot skipped: matplotlib missing ({e})", flush=True)
+        del paths["png"]
     return paths
 
 

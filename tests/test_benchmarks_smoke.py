@@ -277,7 +277,7 @@ def test_harness_gpu_quick(tmp_path):
 def _gpu_session(tmp_path, python: str, total: int, skip: str) -> tuple[subprocess.CompletedProcess, dict]:
     out = tmp_path / "out"
     env = dict(os.environ, OUT=str(out), PYTHON=python, ZK_TOTAL_S=str(total), ZK_SKIP=skip,
-               PATH="/usr/bin:/bin")  # no nvidia-smi here
+               ZK_SITE=str(tmp_path / "site"), PATH="/usr/bin:/bin")  # no nvidia-smi here
     proc = subprocess.run(["bash", os.path.join(ROOT, "benchmarks", "gpu_session.sh")], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=300)
     summary = (out / "summary.txt").read_text()
@@ -293,7 +293,8 @@ def test_gpu_session_script_stages_and_outputs(tmp_path):
     import tarfile
 
     proc, rows = _gpu_session(tmp_path, sys.executable, 120, "build tests sanitizer bench")
-    assert set(rows) == {"stage", "env", "build", "report", "tests", "sanitizer", "bench", "table"}, rows
+    assert set(rows) == {"stage", "env", "wheels", "build", "report", "tests", "sanitizer", "bench", "table"}, rows
+    assert rows["wheels"].startswith("wheels | rc 0")  # this venv imports every listed module: nothing to install
     assert "skipped (ZK_SKIP)" in rows["build"] and "skipped (ZK_SKIP)" in rows["bench"]
     assert "rc 0" not in rows["env"]  # nvidia-smi is missing: the stage fails ...
     assert rows["report"].startswith("report | rc 0") and rows["table"].startswith("table | rc 0")  # ... the rest runs

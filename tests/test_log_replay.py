@@ -26,7 +26,16 @@ def tiny_llama(dtype):
                       tie_word_embeddings=True)
     return LlamaForCausalLM(cfg).to(dtype)
 """
-exec(LLAMA_SRC)  # defines tiny_llama, the same builder the subprocess uses
+
+
+def tiny_llama(dtype):
+    """LLAMA_SRC's builder (the one the replay subprocess runs), defined on first use: a module-level exec would
+    import transformers at collection, and a missing transformers would then stop `pytest -m gpu` from
+    collecting any test."""
+    pytest.importorskip("transformers", reason="transformers is not installed")
+    scope = {}
+    exec(LLAMA_SRC, scope)
+    return scope["tiny_llama"](dtype)
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -320,7 +329,7 @@ def test_any_registered_optimizer_logs_and_replays_through_the_one_format(tmp_pa
 
 def test_zosgd_and_quzo_write_the_same_versioned_format(tmp_path):
     from zokernels.log import FORMAT, FORMAT_VERSION
-    from zokernels.optim.quzo import QuZO, QuZORecord
+    from zokernels.quant.quzo import QuZO, QuZORecord
     from zokernels.quant import quantize_model
 
     g = torch.Generator().manual_seed(0)
