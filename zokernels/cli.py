@@ -16,11 +16,14 @@ import argparse
 import json
 import math
 import os
+import re
 import shutil
 import sys
+import tempfile
 import time
 from typing import Sequence
 
+from .contract import MAX_QUERIES
 from .hf import pipeline as stages
 from .hf.errors import ZOError
 from .hf.pipeline import ZERO_SHOT_FILE, make_progress_callback
@@ -67,6 +70,9 @@ TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
 RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", ZOSGD_LOG_FILE, QUZO_LOG_FILE,
                "model", "trainer", "trainer_fo", ZERO_SHOT_FILE)
+# The ZO kernels take lr, eps and weight decay as float32: a larger value becomes inf (ZOSGD refuses it, but
+# only once the model is loaded and the zero-shot evaluation has run).
+FLOAT32_MAX = 3.4028234663852886e38
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -161,8 +167,8 @@ def build_parser() -> argparse.ArgumentParser:
     o.add_argument("--overwrite", action="store_true",
                    help="replace the results of an earlier run in --output-dir (refused without it)")
     o.add_argument("--resume", action="store_true",
-                   help="continue the interrupted run in --output-dir from its latest checkpoint (same options; "
-                        "--max-steps may grow; the zero-shot results are reused)")
+                   help="continue the interrupted run in --output-dir from its newest complete checkpoint (same "
+                        "options; --max-steps may grow; the zero-shot results are reused)")
     o.add_argument("--save-model", choices=("yes", "no"), default="yes",
                    help="no: keep only the fine-tune log and print the command that rebuilds the model")
     o.add_argument("--smoke", action="store_true", help="2 steps, 8 eval examples: a quick end-to-end check")
@@ -256,6 +262,25 @@ def _check_options(cfg: dict, args: argparse.Namespace, parser: argparse.Argumen
         parser.error("--resume continues the run in --output-dir, --overwrite replaces it: pick one")
     if cfg["tune_linears"] and cfg["tune"] != "last-layers":
         parser.error("--tune-linears applies to --tune last-layers only")
+    _check_output_dir_vs_model(cfg["output_dir"], cfg["model"])
+
+
+def _check_output_dir_vs_model(out: str, model: str | None) -> None:
+    """--output-dir must not be a local --model directory or lie inside it (the run would write its files among
+    the model's), and --model must not lie in a path the run writes under --output-dir (RUN_OUTPUTS: out/model is
+    overwritten by the fine-tuned model). A --model elsewhere under --output-dir is never written to."""
+    if not model or not os.path.exists(model):  # a hub id
+        return
+    if os.path.realpath(out) == os.path.realpath(model):
+        raise ZOError(f"--output-dir {out} is the --model {'directory' if os.path.isdir(model) else 'file'}; the "
+                      "run would write its files among the model's: choose another --output-dir")
+    if _is_within(out, model):
+        raise ZOError(f"--output-dir {out} lies inside --model {model}; the run would write its files among the "
+                      "model's: choose an --output-dir outside it")
+    for name in RUN_OUTPUTS:
+        if _is_within(model, os.path.join(out, name)):
+            raise ZOError(f"--model {model} lies in {os.path.join(out, name)}, which this run writes; write this "
+                          "run to another --output-dir")
 
 
 def _check_numbers(cfg: dict, parser: argparse.ArgumentParser) -> None:
@@ -265,6 +290,8 @@ def _check_numbers(cfg: dict, parser: argparse.ArgumentParser) -> None:
     for key in positive:
         if cfg[key] < 1:
             parser.error(f"--{key.replace('_', '-')} must be >= 1, got {cfg[key]}")
+    if cfg["n_queries"] > MAX_QUERIES:  # the perturbation contract numbers queries q < 4096
+        parser.error(f"--n-queries must be <= {MAX_QUERIES}, got {cfg['n_queries']}")
     for key in ("dev_examples", "test_examples", "eval_examples", "dev_eval_examples", "eval_every", "save_steps"):
         if cfg[key] < 0:
             parser.error(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
@@ -273,6 +300,14 @@ def _check_numbers(cfg: dict, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{key.replace('_', '-')} must be a finite number > 0, got {cfg[key]}")
     if not (cfg["weight_decay"] >= 0 and math.isfinite(cfg["weight_decay"])):
         parser.error(f"--weight-decay must be a finite number >= 0, got {cfg['weight_decay']}")
+    if not math.isfinite(cfg["lora_alpha"]):
+        parser.error(f"--lora-alpha must be a finite number, got {cfg['lora_alpha']}")
+    if not 0 <= cfg["seed"] < 2**32:  # transformers.set_seed seeds numpy, which takes [0, 2**32)
+        parser.error(f"--seed must be in [0, 2**32 - 1], got {cfg['seed']}")
+    for key, rule in (("lr", "> 0"), ("eps", "> 0"), ("weight_decay", ">= 0")):
+        if cfg[key] > FLOAT32_MAX:
+            parser.error(f"--{key.replace('_', '-')} must be a finite number {rule} within float32 range "
+                         f"(<= {FLOAT32_MAX:.4g}), got {cfg[key]}")
     schedulers = _scheduler_names()
     if cfg["lr_scheduler"] not in schedulers:
         parser.error(f"--lr-scheduler must be one of {', '.join(schedulers)}; got {cfg['lr_scheduler']!r}")
@@ -295,10 +330,11 @@ def prepare_output_dir(out: str, overwrite: bool, inputs: Sequence[str | None] =
     """Refuse a directory holding an earlier run's results unless `overwrite`; with it, remove them first, so a
     run that fails part way never leaves its run_config.json beside another run's metrics and model. Never
     removes anything from a directory that is not a zokernels run (no run_config.json / metrics.json), nor
-    an output that holds one of `inputs` (e.g. --model out/model with --output-dir out)."""
+    an output that holds one of `inputs` (e.g. --model out/model with --output-dir out). ZOError if `out` cannot
+    be created or written (checked with a file created and removed again)."""
+    writable_output_dir(out)
     found = [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out, n))]
     if not found:
-        os.makedirs(out, exist_ok=True)
         return
     if not any(n in found for n in ("run_config.json", "metrics.json")):
         raise ZOError(f"--output-dir {out} holds {', '.join(found)} but no zokernels run (no run_config.json or "
@@ -314,7 +350,23 @@ def prepare_output_dir(out: str, overwrite: bool, inputs: Sequence[str | None] =
     for name in found:
         path = os.path.join(out, name)
         shutil.rmtree(path) if os.path.isdir(path) and not os.path.islink(path) else os.remove(path)
-    os.makedirs(out, exist_ok=True)
+
+
+def writable_output_dir(out: str) -> None:
+    """Create --output-dir if needed and check that a file can be created in it (ZOError, one line, otherwise):
+    a run writes its first file (zero_shot.json) only after the model load and the zero-shot evaluation."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise ZOError(f"--output-dir {out} is not a directory")
+    try:
+        os.makedirs(out, exist_ok=True)
+    except OSError as exc:
+        raise ZOError(f"--output-dir {out} cannot be created: {exc.strerror or exc}") from None
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".zokernels-write-check-", dir=out)
+        os.close(fd)
+        os.remove(probe)
+    except OSError as exc:
+        raise ZOError(f"--output-dir {out} is not writable: {exc.strerror or exc}") from None
 
 
 # run_config.json keys that may differ between a run and its --resume (everything else must match)
@@ -322,9 +374,10 @@ RESUME_MAY_DIFFER = ("max_steps", "overwrite", "resume", "no_progress", "save_mo
                      "float_zero_shot", "eval_every", "eval_examples", "dev_eval_examples", "eval_batch_size")
 
 
-def check_resumable(out: str, cfg: dict) -> str:
-    """The checkpoint --resume continues from: the latest trainer/checkpoint-N of the run in `out`, whose
-    run_config.json must agree with `cfg` except RESUME_MAY_DIFFER."""
+def check_resumable(out: str, cfg: dict) -> tuple[str, list[tuple[str, str]]]:
+    """The checkpoint --resume continues from: the newest complete trainer/checkpoint-N (hf.trainer.
+    checkpoint_problem) of the run in `out`, whose run_config.json must agree with `cfg` except RESUME_MAY_DIFFER
+    and whose step must not exceed cfg['max_steps']; with the newer incomplete ones skipped, as (path, why)."""
     path = os.path.join(out, "run_config.json")
     if not os.path.isfile(path):
         raise ZOError(f"--resume: {out} holds no run (no run_config.json)")
@@ -335,14 +388,31 @@ def check_resumable(out: str, cfg: dict) -> str:
     if diff:
         raise ZOError("--resume: options differ from the interrupted run's (saved, now): "
                       + ", ".join(f"{k} {v[0]!r} vs {v[1]!r}" for k, v in sorted(diff.items())))
-    from transformers.trainer_utils import get_last_checkpoint
+    from .hf.trainer import checkpoint_problem
 
     trainer_dir = os.path.join(out, "trainer")
-    last = get_last_checkpoint(trainer_dir) if os.path.isdir(trainer_dir) else None
+    names = [n for n in (os.listdir(trainer_dir) if os.path.isdir(trainer_dir) else ())
+             if _CHECKPOINT.match(n) and os.path.isdir(os.path.join(trainer_dir, n))]
+    last, skipped = None, []
+    for name in sorted(names, key=lambda n: -int(_CHECKPOINT.match(n).group(1))):
+        path = os.path.join(trainer_dir, name)
+        problem = checkpoint_problem(path)
+        if problem is None:
+            last = path
+            break
+        skipped.append((path, problem))
     if last is None:
-        raise ZOError(f"--resume: no checkpoint in {trainer_dir} (the run had --save-steps 0, or stopped before its "
-                      "first checkpoint)")
-    return last
+        raise ZOError(f"--resume: no complete checkpoint in {trainer_dir} (the run had --save-steps 0, or stopped "
+                      "before its first checkpoint was complete)"
+                      + "".join(f"; {path} is incomplete: {why}" for path, why in skipped))
+    step = int(_CHECKPOINT.match(os.path.basename(last)).group(1))
+    if step > cfg["max_steps"]:
+        raise ZOError(f"--resume: {last} is at step {step}, beyond --max-steps {cfg['max_steps']}; give --max-steps "
+                      f"{step} or more")
+    return last, skipped
+
+
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")  # the Trainer's checkpoint directory names
 
 
 def _is_within(path: str, parent: str) -> bool:
@@ -356,7 +426,10 @@ def open_output_dir(cfg: dict) -> str | None:
     (prepare_output_dir) and None."""
     out = cfg["output_dir"]
     if cfg.get("resume"):
-        resume_from = check_resumable(out, cfg)
+        resume_from, skipped = check_resumable(out, cfg)
+        writable_output_dir(out)
+        for path, why in skipped:
+            print(f"skipped {path} (incomplete: {why})")
         print(f"resuming from {resume_from}")
         return resume_from
     prepare_output_dir(out, cfg.get("overwrite", False), inputs=(cfg.get("model"), cfg.get("data")))

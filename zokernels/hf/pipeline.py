@@ -316,15 +316,41 @@ def _trainer_kwargs(cfg: dict, loaded: Loaded, output_dir: str, lr: float) -> di
                 data_collator=loaded.collator, compute_metrics=_accuracy_metric)
 
 
-def _run_trainer(trainer, progress, resume_from: str | None = None) -> float:
-    """Train with `progress` (a TrainerCallback) in place of transformers' printer / progress bar; seconds."""
+class _NoStepLeft(Exception):
+    """Raised by _stop_at_max_steps when the resumed checkpoint is at max_steps already."""
+
+
+def _stop_at_max_steps():
+    """A TrainerCallback that ends train() before its first step when the checkpoint it resumed from is at
+    max_steps: the Trainer's loop runs a step before it checks global_step >= max_steps, so resuming from the
+    final checkpoint would run step max_steps + 1. on_train_begin comes after the Trainer loaded the
+    checkpoint's weights, optimizer state (the fine-tune log), schedule and trainer state."""
+    from transformers import TrainerCallback
+
+    class StopAtMaxSteps(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kw):
+            if state.global_step >= state.max_steps:
+                raise _NoStepLeft
+
+    return StopAtMaxSteps()
+
+
+def _run_trainer(trainer, progress, resume_from: str | None = None, say: Say = print) -> float:
+    """Train with `progress` (a TrainerCallback) in place of transformers' printer / progress bar; seconds.
+    Resumed from a checkpoint at max_steps: no step is run, the trainer holds the checkpoint's state."""
     from transformers import PrinterCallback, ProgressCallback
 
     for cb in (PrinterCallback, ProgressCallback):
         trainer.remove_callback(cb)
+    if resume_from is not None:
+        trainer.add_callback(_stop_at_max_steps())  # before `progress`, which then never opens its bar
     trainer.add_callback(progress)
     t0 = time.time()
-    trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        trainer.train(resume_from_checkpoint=resume_from)
+    except _NoStepLeft:
+        trainer.is_in_train = False
+        say(f"{resume_from} is at step {trainer.state.global_step} = --max-steps: no step left to run")
     return time.time() - t0
 
 
@@ -342,7 +368,7 @@ def train(cfg: dict, tuned: Tuned, loaded: Loaded, zero_shot: Accuracy, progress
                         objective=VerbalizerObjective(cfg["objective"]), zo_eps=cfg["eps"],
                         zo_n_queries=cfg["n_queries"], zo_seed=cfg["seed"], zo_probe=cfg["probe"],
                         zo_method="zosgd" if tuned.quzo_layers is None else "quzo", zo_quant_layers=tuned.quzo_layers)
-    seconds = _run_trainer(trainer, progress, resume_from)
+    seconds = _run_trainer(trainer, progress, resume_from, say)
     test = evaluate(model, loaded.collator, loaded.splits, cfg["eval_batch_size"], "fine-tuned",
                     progress=not cfg.get("no_progress"))
     vs_zero_shot = mcnemar(zero_shot.test_correct, test.test_correct)
