@@ -437,7 +437,7 @@ def qsnapshot(model):
 
 
 def test_zotrainer_quzo_trains_the_named_quant_layers_only_and_replays(tmp_path):
-    from zokernels.optim.quzo import QuZO, replay_quzo
+    from zokernels.quant.quzo import QuZO, replay_quzo
 
     model = quantized_tiny_llama()
     base = copy.deepcopy(model)

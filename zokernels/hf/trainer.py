@@ -49,7 +49,7 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, rotate_checkpoints
 
 from ..optim import ZOSGD
 from ..optim.common import eval_mode, user_stacklevel
-from ..optim.quzo import QuZO
+from ..quant.quzo import QuZO
 from ..quant.linear import quant_layers
 
 # ZOTrainer overrides Trainer internals: the releases tests/test_hf.py, test_cli.py, test_cli_stages.py and
