@@ -61,7 +61,7 @@ def test_quzo_last_layer_int8_end_to_end(capsys, tmp_path, tiny):
     assert "QuZO trains the int8 weights of 7 linear layers (last-layers)" in stdout
     assert "input states of decoder layer 1 are computed once" in stdout
     m = json.loads((out / "metrics.json").read_text())
-    assert m["optimizer"] == "QuZO" and m["log_file"] == "quzo_log.json" and m["zo"]["steps"] == 4
+    assert m["optimizer"] == "QuZO" and m["log_file"] == "finetune_log.npz" and m["zo"]["steps"] == 4
     assert m["zero_shot"]["model"].startswith("int8-quantized") and 0 <= m["zero_shot"]["float_model_test_accuracy"] <= 1
     assert m["quant"]["layers"] == 14 and m["quant"]["linear_bytes_after"] < m["quant"]["linear_bytes_before"] / 3
     assert m["trainable_params"] == 32 * 32 * 2 + 32 * 16 * 2 + 3 * 32 * 48  # the last layer's linear weights
@@ -147,4 +147,4 @@ def test_smoke_default_model_quant_int8_quzo(capsys, tmp_path):
     assert m["zo"]["steps"] == 2 and m["optimizer"] == "QuZO" and m["total_params"] == 134_515_008
     assert m["trainable_params"] == 1536 * 576 and m["n_test"] == 8
     assert m["quant"]["quzo_layers"] == ["model.layers.29.mlp.down_proj"]
-    assert (out / "quzo_log.json").is_file()
+    assert (out / "finetune_log.npz").is_file()

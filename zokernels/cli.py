@@ -27,7 +27,7 @@ from .contract import MAX_QUERIES
 from .hf import pipeline as stages
 from .hf.errors import ZOError
 from .hf.pipeline import ZERO_SHOT_FILE, make_progress_callback
-from .hf.tuning import QUZO_LOG_FILE, ZOSGD_LOG_FILE
+from .hf.tuning import LEGACY_QUZO_LOG_FILE, LOG_FILE
 
 # CPU, 2 cores: a forward of this model costs ~0.24 s per example, so ZO over the whole model cannot
 # move in 15 minutes. The final RMSNorm weight (576 params) is a real lever (first-order Adam on it:
@@ -68,7 +68,7 @@ TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "last-layers": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
-RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", ZOSGD_LOG_FILE, QUZO_LOG_FILE,
+RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", LOG_FILE, LEGACY_QUZO_LOG_FILE,
                "model", "trainer", "trainer_fo", ZERO_SHOT_FILE)
 # The ZO kernels take lr, eps and weight decay as float32: a larger value becomes inf (ZOSGD refuses it, but
 # only once the model is loaded and the zero-shot evaluation has run).

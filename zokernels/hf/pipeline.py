@@ -379,18 +379,14 @@ def train(cfg: dict, tuned: Tuned, loaded: Loaded, zero_shot: Accuracy, progress
 
 
 def save(cfg: dict, tuned: Tuned, tokenizer, log, say: Say = print) -> str:
-    """The fine-tune log (QUZO_LOG_FILE or ZOSGD_LOG_FILE) and, with --save-model yes, the model (with --quant
+    """The fine-tune log (LOG_FILE) and, with --save-model yes, the model (with --quant
     its state dict: QuantLinear modules are not a transformers architecture; rebuild_model(out) gives the
     module tree it loads into) into cfg['output_dir']. Returns the log's file name."""
-    from .tuning import QUZO_LOG_FILE, ZOSGD_LOG_FILE, save_quzo_log
+    from .tuning import LOG_FILE
 
     out, model = cfg["output_dir"], tuned.model
-    if tuned.quzo_layers is not None:
-        log_file = QUZO_LOG_FILE
-        save_quzo_log(log, os.path.join(out, log_file))
-    else:
-        log_file = ZOSGD_LOG_FILE
-        log.save(os.path.join(out, log_file))
+    log_file = LOG_FILE
+    log.save(os.path.join(out, log_file))
     model_dir = os.path.join(out, "model")
     if cfg["save_model"] == "yes" and cfg.get("quant", "none") != "none":
         os.makedirs(model_dir, exist_ok=True)

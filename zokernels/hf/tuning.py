@@ -13,8 +13,8 @@ from .errors import ZOError
 TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora")
 QUANT_FORMATS = ("int8", "int4", "fp8")
 QUZO_MODES = ("all", "last-layers")   # with --quant these train QuantLinear weights with QuZO
-QUZO_LOG_FILE = "quzo_log.json"   # the name the CLI writes; the contents are the one npz log format
-ZOSGD_LOG_FILE = "finetune_log.npz"
+LOG_FILE = "finetune_log.npz"             # the fine-tune log of every optimizer (zokernels.log format)
+LEGACY_QUZO_LOG_FILE = "quzo_log.json"    # where QuZO runs up to this format's version 2 wrote their log
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
 
@@ -149,14 +149,8 @@ def trainable_count(model: nn.Module) -> tuple[int, int]:
     return trainable, total
 
 
-def save_quzo_log(log, path: str | os.PathLike) -> None:
-    """Write a QuZO run's log (a zokernels.FineTuneLog, optimizer "quzo") to `path`: the one fine-tune log
-    format, an npz whatever the file is named (zokernels.log)."""
-    log.save(path)
-
-
 def load_quzo_log(path: str | os.PathLike):
-    """A QuZO log file: the npz save_quzo_log writes, or the JSON written by zokernels up to commit e04bf6d."""
+    """A QuZO log file: the one npz format, or the JSON written by zokernels up to commit e04bf6d."""
     from ..log import FineTuneLog, LogMismatch
 
     try:
@@ -170,9 +164,8 @@ def load_quzo_log(path: str | os.PathLike):
 
 def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None):
     """Base model + fine-tune log -> the fine-tuned model, from a `finetune` output dir (its
-    run_config.json names the model, dtype, tuning mode and quantization; finetune_log.npz (ZOSGD) or
-    quzo_log.json (QuZO; the same npz format, or JSON when written by zokernels up to commit e04bf6d) holds
-    the steps). --quant runs: the model is quantized the same way (round to
+    run_config.json names the model, dtype, tuning mode and quantization; finetune_log.npz holds the steps,
+    or quzo_log.json in QuZO runs written before the one log format). --quant runs: the model is quantized the same way (round to
     nearest is deterministic) and the log replayed, bitwise."""
     import zokernels
 
@@ -193,6 +186,7 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
         _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
                                              matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1),
                                              tune_linears=linears)
-    # one replay for every optimizer's log; the file name says which optimizer the run used
-    zokernels.replay(model, os.path.join(output_dir, QUZO_LOG_FILE if quzo_layers is not None else ZOSGD_LOG_FILE))
+    log = os.path.join(output_dir, LOG_FILE)
+    legacy = os.path.join(output_dir, LEGACY_QUZO_LOG_FILE)
+    zokernels.replay(model, legacy if quzo_layers is not None and not os.path.exists(log) else log)
     return model if tokenizer is None else (model, tokenizer)
