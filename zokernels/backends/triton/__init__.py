@@ -11,14 +11,13 @@ this module never fails, unavailable_reason() says what is missing.
 from __future__ import annotations
 
 import collections
-import os
 from typing import NamedTuple
 
 import torch
 
 from ... import contract as C
 from .._common import Group, TableCache, UpdateSpec, chunk_table, philox_span
-from ..registry import register
+from ..registry import interpreting, register
 
 NAME = "triton"
 
@@ -45,10 +44,6 @@ _KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 # ----------------------------------------------------------------------------- availability
-def _interpret_requested() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def _triton_import_error() -> str | None:
     """None if `import triton` works, else why not."""
     global _triton_checked, _triton_error
@@ -102,7 +97,7 @@ def unavailable_reason(device: torch.device) -> str | None:
     if reason is not None:
         return reason
     if device.type == "cpu":
-        if not _interpret_requested():
+        if not interpreting():
             return "CPU tensors need TRITON_INTERPRET=1 (set before importing triton)"
         kernels = _load_kernels()
         if kernels is None:
@@ -113,7 +108,7 @@ def unavailable_reason(device: torch.device) -> str | None:
         return _interpreter_defect(kernels)
     if not torch.cuda.is_available():
         return "CUDA is not available (torch.cuda.is_available() is False)"
-    if _interpret_requested():
+    if interpreting():
         return "TRITON_INTERPRET=1 is set: the interpreter runs CPU tensors only; unset it to run on the GPU"
     kernels = _load_kernels()
     if kernels is None:
