@@ -23,6 +23,7 @@ import tempfile
 import time
 from typing import Sequence
 
+from .adapters import ACTIVATIONS, PLACEMENTS
 from .contract import MAX_QUERIES
 from .hf import pipeline as stages
 from .hf.errors import ZOError
@@ -61,10 +62,12 @@ QUZO_MODES = ("all", "last-layers")
 # (--smoke --tune lora at lr 0.2: test accuracy 0.875 -> 0.375 in 2 steps).
 #   final-norm: measured on CPU (see CPU_DEFAULTS); all / last-layers: MeZO's full-parameter lr 1e-6, eps 1e-3
 #   (its first-order FT lr 1e-5); lora: MeZO's LoRA lr 1e-4, eps 1e-2 (first-order 1e-4); norms (35k weights on
-#   the default model): NOT tuned, final-norm's lr scaled by 576 / 35k weights.
+#   the default model): NOT tuned, final-norm's lr scaled by 576 / 35k weights; adapters: NOT measured, LoRA's
+#   values reused (both are small modules added to a frozen model, ~1e5-1e6 weights on the default model).
 TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "norms": dict(lr=3e-3, eps=1e-3, fo_lr=1e-3),
                  "lora": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
+                 "adapters": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
                  "last-layers": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
@@ -73,6 +76,7 @@ RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", LOG_FIL
 # The ZO kernels take lr, eps and weight decay as float32: a larger value becomes inf (ZOSGD refuses it, but
 # only once the model is loaded and the zero-shot evaluation has run).
 FLOAT32_MAX = 3.4028234663852886e38
+ADAPTER_DEFAULTS = dict(adapter_placement="pfeiffer", adapter_reduction=16, adapter_activation="relu")
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -112,9 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     t = p.add_argument_group("training")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype")
-    t.add_argument("--tune", choices=("all", "norms", "final-norm", "last-layers", "lora"),
+    t.add_argument("--tune", choices=("all", "norms", "final-norm", "last-layers", "lora", "adapters"),
                    help="what ZO tunes: all weights, every norm weight, the norm before the LM head, the last "
-                        "--tune-layers decoder layers, or LoRA")
+                        "--tune-layers decoder layers, LoRA, or bottleneck adapters (--adapter-*)")
     t.add_argument("--tune-layers", type=int, default=1, help="decoder layers tuned by --tune last-layers")
     t.add_argument("--tune-linears", default="",
                    help="--tune last-layers: only these modules of the tuned layers, comma-separated last name "
@@ -122,13 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--cache-trunk", choices=("auto", "no"), default="auto",
                    help="auto: with --tune final-norm or last-layers, compute the frozen decoder's hidden states "
                         "once per example (before the final norm / at the first tuned layer's input) and run "
-                        "only the tuned part per probe (same values, much cheaper steps)")
+                        "only the tuned part per probe (same values, much cheaper steps); the other modes (adapters: "
+                        "in every decoder block) run without it")
     q = p.add_argument_group("quantized base (QuZO)")
     q.add_argument("--quant", choices=("none", "int8", "int4", "fp8"), default="none",
                    help="store every linear layer except lm_head in this format right after loading (the "
                         "zero-shot accuracy is the quantized model's). --tune all / last-layers: QuZO trains the "
-                        "quantized weights (float parameters frozen); final-norm / norms / lora: ZOSGD trains "
-                        "those float parameters on the frozen quantized base")
+                        "quantized weights (float parameters frozen); final-norm / norms / lora / adapters: ZOSGD "
+                        "trains those float parameters on the frozen quantized base")
     q.add_argument("--quant-group-size", type=int, default=128, help="int4 scale group: 32, 64 or 128 columns")
     q.add_argument("--quant-matmul", choices=("auto", "dequant", "w8a8", "w4a16", "fp8"), default="auto",
                    help="forward path of the quantized layers; auto: on a GPU the format's own (int8: w8a8 "
@@ -138,13 +143,22 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--lora-r", type=int, default=8)
     t.add_argument("--lora-alpha", type=float, default=16.0)
     t.add_argument("--lora-targets", default="q_proj,v_proj")
+    t.add_argument("--adapter-placement", choices=PLACEMENTS,
+                   help="--tune adapters: pfeiffer = one adapter after each block's MLP, houlsby = after its "
+                        "attention and its MLP (default: pfeiffer)")
+    t.add_argument("--adapter-reduction", type=int,
+                   help="--tune adapters: bottleneck size = hidden size / N (default: 16)")
+    t.add_argument("--adapter-activation", choices=tuple(ACTIVATIONS),
+                   help="--tune adapters: the bottleneck's activation (default: relu)")
     t.add_argument("--objective", choices=("ce", "lm", "accuracy"), default="ce",
                    help="minimized: ce = cross-entropy over the label words' log-likelihoods (MeZO's "
                         "train_as_classification); lm = full-vocabulary NLL of the label word; "
                         "accuracy = 1 - batch accuracy")
     t.add_argument("--lr", type=float, help="ZO learning rate (default per --tune: final-norm 0.2, norms 3e-3, "
-                   "lora 1e-4, last-layers / all 1e-6; QuZO on CPU 1e-3)")
-    t.add_argument("--eps", type=float, help="perturbation scale (default 1e-3; lora 1e-2)")
+                   "lora 1e-4, last-layers / all 1e-6, adapters 1e-4 = LoRA's, not measured for adapters; QuZO on "
+                   "CPU 1e-3)")
+    t.add_argument("--eps", type=float, help="perturbation scale (default 1e-3; lora and adapters 1e-2, for "
+                   "adapters LoRA's value, not measured)")
     t.add_argument("--max-steps", type=int, help="ZO steps (default: CPU 2000, QuZO on CPU 100, GPU 20000)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per ZO step (same z for all)")
@@ -161,7 +175,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--baseline", choices=("none", "fo"), default="none",
                    help="fo: also fine-tune the same parameters with first-order AdamW on the same data")
     t.add_argument("--fo-lr", type=float, help="AdamW learning rate of --baseline fo (default per --tune: "
-                   "final-norm 1e-2, norms 1e-3, lora 1e-4, last-layers / all 1e-5)")
+                   "final-norm 1e-2, norms 1e-3, lora 1e-4, adapters 1e-4 (LoRA's, not measured), last-layers / "
+                   "all 1e-5)")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="zo-finetune-out", help="where results go (default: %(default)s)")
     o.add_argument("--overwrite", action="store_true",
@@ -227,6 +242,10 @@ def _with_defaults(args: argparse.Namespace, device: str) -> dict:
         cfg["dev_eval_examples"] = min(cfg["dev_eval_examples"] or args.eval_examples, args.eval_examples)
     cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     cfg["tune_linears"] = [t.strip() for t in args.tune_linears.split(",") if t.strip()]
+    if tune == "adapters":  # recorded only for adapter runs: other runs' run_config.json (and --resume) unchanged
+        for key, default in ADAPTER_DEFAULTS.items():
+            value = getattr(args, key)
+            cfg[key] = default if value is None else value
     return cfg
 
 
@@ -262,6 +281,9 @@ def _check_options(cfg: dict, args: argparse.Namespace, parser: argparse.Argumen
         parser.error("--resume continues the run in --output-dir, --overwrite replaces it: pick one")
     if cfg["tune_linears"] and cfg["tune"] != "last-layers":
         parser.error("--tune-linears applies to --tune last-layers only")
+    given = [f"--{k.replace('_', '-')}" for k in ADAPTER_DEFAULTS if getattr(args, k) is not None]
+    if given and cfg["tune"] != "adapters":
+        parser.error(f"{', '.join(given)} applies to --tune adapters only")
     _check_output_dir_vs_model(cfg["output_dir"], cfg["model"])
 
 
@@ -300,6 +322,8 @@ def _check_numbers(cfg: dict, parser: argparse.ArgumentParser) -> None:
             parser.error(f"--{key.replace('_', '-')} must be a finite number > 0, got {cfg[key]}")
     if not (cfg["weight_decay"] >= 0 and math.isfinite(cfg["weight_decay"])):
         parser.error(f"--weight-decay must be a finite number >= 0, got {cfg['weight_decay']}")
+    if cfg.get("adapter_reduction", 1) < 1:
+        parser.error(f"--adapter-reduction must be >= 1, got {cfg['adapter_reduction']}")
     if not math.isfinite(cfg["lora_alpha"]):
         parser.error(f"--lora-alpha must be a finite number, got {cfg['lora_alpha']}")
     if not 0 <= cfg["seed"] < 2**32:  # transformers.set_seed seeds numpy, which takes [0, 2**32)

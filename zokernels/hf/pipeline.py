@@ -27,6 +27,7 @@ from .errors import ZOError
 from .scoring import PromptTask, VerbalizerCollator
 
 ZERO_SHOT_FILE = "zero_shot.json"  # the zero-shot results, reused by --resume
+ADAPTERS_FILE = "adapters.safetensors"  # --tune adapters with --save-model yes: the adapter weights, in model/
 DEFAULT_TEXT_COLUMN, DEFAULT_LABEL_COLUMN = "text", "sentiment"
 DEFAULT_LABELS = ("positive", "negative")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct (GGUF)"
@@ -137,7 +138,10 @@ def quantize(cfg: dict, model: nn.Module, say: Say = print) -> Tuned:
     linears = tuple(cfg["tune_linears"]) or None
     model = select_trainable(model, tune, lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                              lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
-                             tune_layers=cfg.get("tune_layers", 1), tune_linears=linears)
+                             tune_layers=cfg.get("tune_layers", 1), tune_linears=linears,
+                             adapter_placement=cfg.get("adapter_placement", "pfeiffer"),
+                             adapter_reduction=cfg.get("adapter_reduction", 16),
+                             adapter_activation=cfg.get("adapter_activation", "relu"))
     n_total = trainable_count(model)[1]
     report, quzo_layers = None, None
     if quant != "none":
@@ -171,7 +175,9 @@ def describe(cfg: dict, loaded: Loaded, tuned: Tuned) -> str:
 def cache(cfg: dict, model: nn.Module, say: Say = print):
     """With --cache-trunk auto, attach model.zo_trunk_cache: --tune final-norm caches the decoder states
     before the final norm (FrozenTrunkCache); --tune last-layers the input states of the first tuned layer
-    (LayerInputCache), unless layer 0 is tuned. Returns the cache, or None."""
+    (LayerInputCache), unless layer 0 is tuned. Every other mode has trainable weights in (or before) the
+    first decoder block (norms, lora, all; adapters sit in every block), so nothing before them is frozen and
+    the run goes without a cache. Returns the cache, or None."""
     from .scoring import FrozenTrunkCache, LayerInputCache
     from .tuning import last_layers
 
@@ -402,6 +408,12 @@ def save(cfg: dict, tuned: Tuned, tokenizer, log, say: Say = print) -> str:
         say("model not saved; rebuild it from the base model and the fine-tune log with:\n"
             f"  python -c \"from zokernels.hf import rebuild_model; m, t = rebuild_model({out!r}); "
             f"m.save_pretrained({model_dir!r}); t.save_pretrained({model_dir!r})\"")
+    if cfg["save_model"] == "yes" and cfg["tune"] == "adapters":  # the base architecture has no adapters to load into
+        from ..adapters import save_adapters
+
+        save_adapters(model, os.path.join(model_dir, ADAPTERS_FILE))
+        say(f"adapters saved to {os.path.join(model_dir, ADAPTERS_FILE)} (zokernels.adapters.load_adapters, after "
+            "add_adapters with the run's --adapter-* options; or zokernels.hf.rebuild_model)")
     return log_file
 
 

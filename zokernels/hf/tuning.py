@@ -1,5 +1,6 @@
-"""Which parameters ZO tunes (all, RMS/LayerNorm weights, the last decoder layers, or LoRA adapters), the
-quantized base of `--quant` runs, and rebuilding a fine-tuned model from the base weights + the fine-tune log."""
+"""Which parameters ZO tunes (all, RMS/LayerNorm weights, the last decoder layers, LoRA or bottleneck
+adapters), the quantized base of `--quant` runs, and rebuilding a fine-tuned model from the base weights + the
+fine-tune log."""
 from __future__ import annotations
 
 import json
@@ -10,7 +11,7 @@ from torch import nn
 
 from .errors import ZOError
 
-TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora")
+TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora", "adapters")
 QUANT_FORMATS = ("int8", "int4", "fp8")
 QUZO_MODES = ("all", "last-layers")   # with --quant these train QuantLinear weights with QuZO
 LOG_FILE = "finetune_log.npz"             # the fine-tune log of every optimizer (zokernels.log format)
@@ -60,13 +61,18 @@ def _linears_in(layers: list[nn.Module], linears: tuple[str, ...] | None) -> lis
 
 def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha: float = 16.0,
                      lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, seed: int = 0,
-                     tune_layers: int = 1, tune_linears: tuple[str, ...] | None = None) -> nn.Module:
+                     tune_layers: int = 1, tune_linears: tuple[str, ...] | None = None,
+                     adapter_placement: str = "pfeiffer", adapter_reduction: int = 16,
+                     adapter_activation: str = "relu") -> nn.Module:
     """Set requires_grad for `mode` and return the model to train (a PeftModel for 'lora', whose adapter
     init is seeded so that the same seed gives the same starting weights). 'last-layers': every
     parameter of the last `tune_layers` decoder layers, or only those of the modules named in
-    `tune_linears` (last name segments, e.g. ('down_proj',))."""
+    `tune_linears` (last name segments, e.g. ('down_proj',)). 'adapters': bottleneck adapters
+    (zokernels.adapters.add_adapters) inserted into the model, only their parameters trainable."""
     if mode not in TUNE_MODES:
         raise ZOError(f"--tune must be one of {', '.join(TUNE_MODES)}, got {mode!r}")
+    if mode == "adapters":
+        return _add_adapters(model, adapter_placement, adapter_reduction, adapter_activation, seed)
     if mode == "all":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -107,21 +113,51 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
     return peft_model
 
 
+def _add_adapters(model: nn.Module, placement: str, reduction: int, activation: str, seed: int) -> nn.Module:
+    """add_adapters, then every adapter's initial weights drawn on the CPU from `seed` (in module order) and
+    copied in: the starting weights depend on the seed only, not on the device's generator nor on what used the
+    global RNG before, so rebuild_model (on the CPU) reproduces them bitwise. The global RNG is left as it was."""
+    from ..adapters import AdapterError, BottleneckAdapter, add_adapters
+
+    try:
+        names = add_adapters(model, placement, reduction, activation)
+    except AdapterError as e:
+        raise ZOError(f"--tune adapters: {e}") from None
+    c = model.zo_adapter_config
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(seed)
+        for name in names:
+            ref = BottleneckAdapter(c.hidden, c.bottleneck, c.activation, c.layer_norm)
+            for p, r in zip(model.get_submodule(name).parameters(), ref.parameters(), strict=True):
+                p.copy_(r.to(p.dtype))
+    return model
+
+
+def adapter_linears(model: nn.Module) -> tuple[str, ...]:
+    """Names of the bottleneck adapters' nn.Linear layers (down / up): --quant leaves them float."""
+    from ..adapters import adapter_names
+
+    prefixes = tuple(a + "." for a in adapter_names(model))
+    return tuple(n for n, m in model.named_modules() if n.startswith(prefixes) and type(m) is nn.Linear)
+
+
 def quantize_for_tuning(model: nn.Module, fmt: str, mode: str, *, group_size: int = 128, matmul: str = "dequant",
                         tune_layers: int = 1, tune_linears: tuple[str, ...] | None = None):
     """Quantize every nn.Linear except lm_head (tied to the embeddings in many models: it stays float and
-    tied) and LoRA adapters, after select_trainable. Returns (QuantReport, names of the QuantLinear layers
-    QuZO trains, or None when ZOSGD trains the float parameters of the scope on the frozen quantized base).
+    tied), LoRA adapters and bottleneck adapters, after select_trainable. Returns (QuantReport, names of the
+    QuantLinear layers QuZO trains, or None when ZOSGD trains the float parameters of the scope on the frozen
+    quantized base).
 
     mode 'all' / 'last-layers': QuZO over the QuantLinear layers of the scope; every float parameter is
     frozen (QuZO and ZOSGD cannot share one probe). 'norms' / 'final-norm' / 'lora': ZOSGD over those
-    float parameters (QLoRA-style for LoRA); no QuantLinear is trained."""
+    float parameters (QLoRA-style for LoRA and adapters); no QuantLinear is trained."""
     from ..quant.linear import quant_layers, quantize_model
 
     if fmt not in QUANT_FORMATS:
         raise ZOError(f"--quant must be one of none, {', '.join(QUANT_FORMATS)}, got {fmt!r}")
     lora = tuple(n for n, m in model.named_modules() if ".lora_" in n and type(m) is nn.Linear)
-    report = quantize_model(model, fmt, exclude=("lm_head",) + lora, group_size=group_size, matmul=matmul)
+    report = quantize_model(model, fmt, exclude=("lm_head",) + lora + adapter_linears(model), group_size=group_size,
+                            matmul=matmul)
     if mode not in QUZO_MODES:
         return report, None
     for p in model.parameters():
@@ -164,9 +200,11 @@ def load_quzo_log(path: str | os.PathLike):
 
 def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None):
     """Base model + fine-tune log -> the fine-tuned model, from a `finetune` output dir (its
-    run_config.json names the model, dtype, tuning mode and quantization; finetune_log.npz holds the steps,
-    or quzo_log.json in QuZO runs written before the one log format). --quant runs: the model is quantized the same way (round to
-    nearest is deterministic) and the log replayed, bitwise."""
+    run_config.json names the model, dtype, tuning mode (with the adapters' configuration) and quantization;
+    finetune_log.npz holds the steps, or quzo_log.json in QuZO runs written before the one log format). --quant
+    runs: the model is quantized the same way (round to nearest is deterministic) and the log replayed, bitwise.
+    --tune adapters: the adapters are added again (same configuration and seed, hence the same starting
+    weights) before the log is replayed."""
     import zokernels
 
     from .data import load_model_and_tokenizer
@@ -180,7 +218,10 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
     linears = tuple(cfg.get("tune_linears") or ()) or None
     model = select_trainable(model, cfg["tune"], lora_r=cfg["lora_r"], lora_alpha=cfg["lora_alpha"],
                              lora_targets=tuple(cfg["lora_targets"]), seed=cfg["seed"],
-                             tune_layers=cfg.get("tune_layers", 1), tune_linears=linears)
+                             tune_layers=cfg.get("tune_layers", 1), tune_linears=linears,
+                             adapter_placement=cfg.get("adapter_placement", "pfeiffer"),
+                             adapter_reduction=cfg.get("adapter_reduction", 16),
+                             adapter_activation=cfg.get("adapter_activation", "relu"))
     quzo_layers = None
     if cfg.get("quant", "none") != "none":
         _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
