@@ -20,6 +20,11 @@ File format v2 (`FineTuneLog.save`): a numpy .npz, no pickle —
 Big integers (seeds, keys) are strings in the JSON. `FineTuneLog.load` also reads format v1 (ZOSGD's
 npz up to commit e04bf6d: the config at the top level of the header) and the JSON logs that optimizers
 register a reader for (QuZO's quzo_log.json of the same commits); `save` always writes v2.
+
+`load` validates the whole file before returning: every zip member is read in full and CRC-checked, every
+array's npy header must match its data's size (no object arrays), the header must be a JSON object with
+the entries above, and every array must be present with its dtype and one row per step. Any fault raises
+`CorruptLog` (a LogMismatch) naming the file and what is wrong; a missing file stays FileNotFoundError.
 """
 from __future__ import annotations
 
@@ -28,6 +33,9 @@ import hashlib
 import io
 import json
 import os
+import struct
+import zipfile
+import zlib
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -44,6 +52,11 @@ _ZIP_MAGIC = b"PK\x03\x04"
 
 class LogMismatch(ValueError):
     """The log does not belong to these weights (or to this version of the contract)."""
+
+
+class CorruptLog(LogMismatch):
+    """A log file (or the log inside an optimizer state) is damaged, truncated, inconsistent or not a zokernels
+    fine-tune log at all; the message names the file and what is wrong."""
 
 
 # ----------------------------------------------------------------------------- base fingerprint
@@ -213,7 +226,10 @@ class FineTuneLog:
         return out
 
     @classmethod
-    def _from_arrays(cls, header: dict, a: dict[str, np.ndarray]) -> "FineTuneLog":
+    def _from_arrays(cls, header, a: dict[str, np.ndarray], where: str) -> "FineTuneLog":
+        """The log of a raw header (any supported version) and its arrays, both validated first."""
+        header = _check_header(header, where)
+        _check_arrays(header, a, where)
         entry = _OPTIMIZERS.get(header["optimizer"])
         record_type = entry.record_type if entry is not None else StepRecord
         extra = [c for c in header.get("columns", []) if c in _extra_columns(record_type)]
@@ -235,32 +251,43 @@ class FineTuneLog:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "FineTuneLog":
-        """A log file of format v2 or v1 (npz), or an older JSON log with a registered reader (QuZO's)."""
+        """A log file of format v2 or v1 (npz), or an older JSON log with a registered reader (QuZO's), validated
+        in full (module docstring); CorruptLog names the file and the fault."""
+        where = os.fspath(path)
         with open(path, "rb") as fh:
             magic = fh.read(4)
-        if magic != _ZIP_MAGIC:
-            return cls._load_json(path)
-        with np.load(path, allow_pickle=False) as z:
-            if "header" not in z.files:
-                raise LogMismatch(f"{path} is not a zokernels fine-tune log")
-            header = json.loads(bytes(z["header"]).decode("utf-8"))
-            if header.get("format") != FORMAT:
-                raise LogMismatch(f"{path} is not a zokernels fine-tune log")
-            return cls._from_arrays(upgrade_header(header), {k: z[k] for k in z.files if k != "header"})
+            if not magic:
+                raise CorruptLog(f"{where}: empty file (0 bytes), not a zokernels fine-tune log")
+            fh.seek(0)
+            if magic != _ZIP_MAGIC:
+                return cls._load_json(fh, where)
+            header, arrays = _read_npz(fh, where)
+        return cls._from_arrays(header, arrays, where)
 
     @classmethod
-    def _load_json(cls, path) -> "FineTuneLog":
+    def _load_json(cls, fh, where: str) -> "FineTuneLog":
+        head = fh.read(64).lstrip()
+        if not head.startswith(b"{"):
+            raise CorruptLog(f"{where}: not a zokernels fine-tune log (neither an npz archive nor a JSON object)")
+        fh.seek(0)
         try:
-            with open(path, encoding="utf-8") as fh:
-                data = json.load(fh)
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise LogMismatch(f"{path} is not a zokernels fine-tune log (neither npz nor JSON)") from None
+            data = json.loads(fh.read().decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CorruptLog(f"{where}: not a zokernels fine-tune log (neither npz nor valid JSON: {e})") from None
         reader = _JSON_READERS.get(data.get("format")) if isinstance(data, dict) else None
         if reader is None:
-            raise LogMismatch(f"{path} is not a zokernels fine-tune log (JSON of format "
-                              f"{data.get('format') if isinstance(data, dict) else None!r}; readable JSON logs: "
-                              f"{sorted(_JSON_READERS)})")
-        return reader(data)
+            raise CorruptLog(f"{where}: not a zokernels fine-tune log (JSON of format "
+                             f"{data.get('format') if isinstance(data, dict) else None!r}; readable JSON logs: "
+                             f"{sorted(_JSON_READERS)})")
+        try:
+            log = reader(data)
+        except LogMismatch as e:
+            raise type(e)(f"{where}: {e}") from None
+        except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+            raise CorruptLog(f"{where}: a damaged {data.get('format')} JSON log "
+                             f"({type(e).__name__}: {e})") from None
+        _check_header(log.header, where)
+        return log
 
     # -- optimizer state (torch.save(..., weights_only=True) friendly)
     def state(self) -> dict:
@@ -271,11 +298,25 @@ class FineTuneLog:
         return out
 
     @classmethod
-    def from_state(cls, state: dict) -> "FineTuneLog":
-        """From state() — of this version or of a v1 log (a ZOSGD state_dict saved by older code)."""
-        a = {k: v.cpu().numpy() for k, v in state.items() if k != "header"}
-        a["seeds"] = a["seeds"].view(np.uint64)
-        return cls._from_arrays(upgrade_header(json.loads(state["header"])), a)
+    def from_state(cls, state: dict, where: str = "the optimizer state's log") -> "FineTuneLog":
+        """From state() — of this version or of a v1 log (a ZOSGD state_dict saved by older code); validated as a
+        log file is (CorruptLog)."""
+        if not isinstance(state, dict) or not isinstance(state.get("header"), str):
+            raise CorruptLog(f"{where}: no JSON header string")
+        a = {}
+        for k, v in state.items():
+            if k == "header":
+                continue
+            if not isinstance(v, torch.Tensor):
+                raise CorruptLog(f"{where}: entry {k!r} is a {type(v).__name__}, not a tensor")
+            a[k] = v.detach().cpu().numpy()
+        if "seeds" in a and a["seeds"].dtype == np.int64:
+            a["seeds"] = a["seeds"].view(np.uint64)
+        try:
+            header = json.loads(state["header"])
+        except json.JSONDecodeError as e:
+            raise CorruptLog(f"{where}: the header is not valid JSON ({e})") from None
+        return cls._from_arrays(header, a, where)
 
     def nbytes(self) -> int:
         buf = io.BytesIO()
@@ -301,16 +342,157 @@ _V1_CONFIG = tuple(f.name for f in dataclasses.fields(StepConfig))
 
 def upgrade_header(header: dict) -> dict:
     """A header of any supported format version as a v2 header (v1: ZOSGD's, config at the top level)."""
-    version = int(header.get("format_version", 0))
+    version = header.get("format_version", 0)
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise CorruptLog(f"format_version is {version!r}, not an integer")
     if version == FORMAT_VERSION:
         return header
     if version != 1:
         raise LogMismatch(f"fine-tune log format v{version} is not supported (this zokernels reads v1 and "
-                          f"v{FORMAT_VERSION})")
+                          f"v{FORMAT_VERSION}; written by a newer zokernels?)")
+    missing = [k for k in _V1_CONFIG if k not in header]
+    if missing:
+        raise CorruptLog(f"the v1 header has no {missing}")
     out = {k: v for k, v in header.items() if k not in _V1_CONFIG and k != "weight_decay"}
     out.update(format_version=FORMAT_VERSION, optimizer="zosgd", config={k: header[k] for k in _V1_CONFIG},
                columns=[])
     return out
+
+
+# ----------------------------------------------------------------------------- validation (load)
+_NPZ_MEMBER_LIMIT = 1 << 31  # bytes per uncompressed member: a 20k-step log is a few hundred KB
+
+
+def _read_npz(fh, where: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """(raw header, arrays) of an npz log, every member read in full and CRC-checked; CorruptLog otherwise."""
+    try:
+        try:
+            zf = zipfile.ZipFile(fh)
+        except zipfile.BadZipFile as e:
+            raise CorruptLog(f"{where}: truncated or damaged npz (a zip archive without its end-of-archive "
+                             f"record: the file ends early; {e})") from None
+        with zf:
+            infos = {i.filename: i for i in zf.infolist()}
+            if "header.npy" not in infos:
+                raise CorruptLog(f"{where}: not a zokernels fine-tune log (a zip archive without 'header.npy'; "
+                                 f"it holds {sorted(infos)[:5]})")
+            arrays = {}
+            for name, info in infos.items():
+                if not name.endswith(".npy"):
+                    raise CorruptLog(f"{where}: not a zokernels fine-tune log (zip member {name!r} is not an array)")
+                if info.file_size > _NPZ_MEMBER_LIMIT:
+                    raise CorruptLog(f"{where}: array {name[:-4]!r} claims {info.file_size} bytes (corrupt)")
+                arrays[name[:-4]] = _read_npy(zf.read(name), name[:-4], where)  # read(): checks the CRC
+    except LogMismatch:
+        raise
+    except (zipfile.BadZipFile, zlib.error, EOFError, NotImplementedError, RuntimeError, OSError, ValueError,
+            KeyError, IndexError, struct.error, OverflowError, UnicodeDecodeError) as e:
+        raise CorruptLog(f"{where}: corrupt npz ({type(e).__name__}: {e})") from None
+    header_bytes = arrays.pop("header")
+    if header_bytes.dtype != np.uint8 or header_bytes.ndim != 1:
+        raise CorruptLog(f"{where}: the header is {header_bytes.dtype} {header_bytes.shape}, not uint8 bytes")
+    try:
+        header = json.loads(header_bytes.tobytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CorruptLog(f"{where}: the header is not valid UTF-8 JSON ({e})") from None
+    return header, arrays
+
+
+def _read_npy(data: bytes, name: str, where: str) -> np.ndarray:
+    """One .npy member, its header checked against its data size (no pickle, no object arrays)."""
+    f = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(f)
+        read = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}.get(version)
+        if read is None:
+            raise CorruptLog(f"{where}: array {name!r} has npy format version {version} (corrupt)")
+        shape, fortran, dtype = read(f)
+    except LogMismatch:
+        raise
+    except (ValueError, TypeError, SyntaxError, struct.error, OverflowError) as e:
+        raise CorruptLog(f"{where}: array {name!r} has a damaged npy header ({e})") from None
+    if dtype.hasobject:
+        raise CorruptLog(f"{where}: array {name!r} holds Python objects (pickle), which a log never does")
+    count = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    size = count * dtype.itemsize
+    if size != len(data) - f.tell():
+        raise CorruptLog(f"{where}: array {name!r} is truncated or damaged (its header says {shape} {dtype}: "
+                         f"{size} bytes; the member holds {len(data) - f.tell()})")
+    out = np.frombuffer(data, dtype=dtype, count=count, offset=f.tell()).copy()
+    return out.reshape(shape, order="F" if fortran else "C")
+
+
+def _check_header(header, where: str) -> dict:
+    """The v2 form of a raw header, every entry the loader and replay use present and of its type."""
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise CorruptLog(f"{where}: not a zokernels fine-tune log (the header's format is "
+                         f"{header.get('format') if isinstance(header, dict) else type(header).__name__!r})")
+    try:
+        header = upgrade_header(header)
+    except LogMismatch as e:
+        raise type(e)(f"{where}: {e}") from None
+
+    def bad(what: str):
+        return CorruptLog(f"{where}: header entry {what}")
+
+    for key in ("optimizer", "config", "groups", "keys", "base_seed", "contract_version"):
+        if key not in header:
+            raise bad(f"{key!r} is missing")
+    if not isinstance(header["optimizer"], str):
+        raise bad(f"'optimizer' is {header['optimizer']!r}, not a name")
+    config = header["config"]
+    n = config.get("n_queries") if isinstance(config, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= C.MAX_QUERIES:
+        raise bad(f"'config' has no valid n_queries ({config!r})")
+    entry = _OPTIMIZERS.get(header["optimizer"])
+    if entry is not None:
+        try:
+            entry.config_type(**config)
+        except TypeError as e:
+            raise bad(f"'config' does not fit optimizer {header['optimizer']!r} ({e})") from None
+    groups = header["groups"]
+    if not isinstance(groups, list) or not groups or not all(
+            isinstance(g, dict) and isinstance(g.get("names"), list) and all(isinstance(n, str) for n in g["names"])
+            for g in groups):
+        raise bad("'groups' is not a non-empty list of {'names': [...], ...}")
+    keys = header["keys"]
+    try:
+        if not isinstance(keys, dict):
+            raise TypeError
+        for k in keys.values():
+            C.check_u64(int(k), "key")
+        int(header["base_seed"])
+        int(header["contract_version"])
+    except (TypeError, ValueError, OverflowError):
+        raise bad("'keys', 'base_seed' or 'contract_version' is not an integer (table)") from None
+    columns = header.get("columns", [])
+    if not isinstance(columns, list) or not all(isinstance(c, str) for c in columns):
+        raise bad(f"'columns' is {columns!r}, not a list of names")
+    return header
+
+
+def _check_arrays(header: dict, a: dict[str, np.ndarray], where: str) -> None:
+    """Every per-step array present, of its dtype, one row per step, with Q (grads) or G (lrs, wds) columns."""
+    q, g = int(header["config"]["n_queries"]), len(header["groups"])
+    want = {"seeds": (np.uint64, ()), "grads": (np.float64, (q,)), "lrs": (np.float64, (g,)),
+            "wds": (np.float64, (g,)), "skipped": (np.bool_, ()), "stop": (np.int32, ())}
+    want.update({f"col_{c}": (np.int64, ()) for c in header.get("columns", [])})
+    steps = None
+    for name, (dtype, cols) in want.items():
+        if name not in a:
+            raise CorruptLog(f"{where}: missing array {name!r}")
+        x = a[name]
+        if x.dtype != dtype:
+            raise CorruptLog(f"{where}: array {name!r} has dtype {x.dtype}, a log stores {np.dtype(dtype)}")
+        if x.ndim != 1 + len(cols) or tuple(x.shape[1:]) != cols:
+            raise CorruptLog(f"{where}: array {name!r} has shape {tuple(x.shape)}, expected (steps,"
+                             + "".join(f" {c}" for c in cols) + ")"
+                             + (f" (n_queries={q})" if name == "grads" else f" ({g} groups)" if cols else ""))
+        if steps is None:
+            steps = (name, x.shape[0])
+        elif x.shape[0] != steps[1]:
+            raise CorruptLog(f"{where}: array {name!r} has {x.shape[0]} rows, {steps[0]!r} has {steps[1]} (every "
+                             "array has one row per step)")
 
 
 # ----------------------------------------------------------------------------- replay

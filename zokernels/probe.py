@@ -9,6 +9,12 @@ Two mechanisms, both built on `zokernels.perturbed_copy` scratch tensors swapped
   counts by parameter make tied parameters (owned by two modules), re-entrant and repeated module
   calls safe; a `finally` restores everything and removes the hooks if the forward raises.
 
+MaZO's masked parameters are not swapped: each probe writes R(theta + eps z) into their masked elements in
+place for the whole closure, after copying those elements' values out, and writes the copies back after
+(bitwise). A probe's traffic and extra memory then scale with the mask, and it always reads the weights as
+they are now (a persistent dense scratch that is kept equal to theta off the mask goes stale when the user
+edits `p.data`, which changes neither the storage nor the version counter).
+
 `StorageReads` is the safety net for hooks: a TorchDispatchMode that records which parameter
 storages the ops of a forward touch. A parameter whose *original* storage is touched during a probe
 was read outside its owner's forward (nn.MultiheadAttention reads out_proj.weight inside its own
@@ -68,8 +74,10 @@ class StorageReads(TorchDispatchMode):
 
 def watch_original_storages(params: ParamTable) -> dict[int, list[int]]:
     watched: dict[int, list[int]] = {}
+    masks = params.masks or [None] * len(params.tensors)
     for i, t in enumerate(params.tensors):
-        if t.numel() and i not in params.sharded:  # shards are read on purpose (FSDP all-gathers them)
+        # shards (FSDP all-gathers them) and masked parameters are perturbed in their own storage: read on purpose
+        if t.numel() and i not in params.sharded and masks[i] is None:
             watched.setdefault(t.untyped_storage().data_ptr(), []).append(i)
     return watched
 
@@ -94,7 +102,8 @@ class Prober:
     """Makes probe (seed, query, sign) visible to forwards run inside `perturbed(...)`.
 
     whole: indices swapped for the whole forward (all of them in "swap" mode); the others are
-    swapped by their owners' hooks (model required)."""
+    swapped by their owners' hooks (model required), except `sharded` (DTensor local shards) and `masked`
+    (MaZO) indices, which are written in their own storage for the whole closure and restored after it."""
 
     def __init__(self, params: ParamTable, config: StepConfig, backend: str, model: torch.nn.Module | None,
                  mode: str):
@@ -110,51 +119,42 @@ class Prober:
             self.owners, self.whole = owned_params(model, params)
         # Local shards of DTensor parameters: written in place for the whole closure, see in_storage().
         self.sharded = set(params.sharded)
-        self.whole -= self.sharded
+        # MaZO's masked parameters: their masked elements written in place for the whole closure, see
+        # masked_in_storage().
+        self.masked = {i for i, m in enumerate(params.masks or []) if m is not None}
+        self.whole -= self.sharded | self.masked
+        self.owners = [(module, kept) for module, idx in self.owners
+                       if (kept := [i for i in idx if i not in self.masked])]
+        self._mask_index: dict[int, torch.Tensor] = {}
 
     def scratch(self, idx: list[int], seed: int, query: int, sign: int) -> list[torch.Tensor]:
         """R(theta_i + sign * eps * z_query) for i in idx; R's uniforms: stream 1 (+) or 2 (-)."""
-        masks = self.params.masks
-        if masks is not None and any(masks[i] is not None for i in idx):
-            return self._masked_scratch(idx, seed, query, sign)
         return self._perturbed_copy([self.params.tensors[i] for i in idx], idx, seed, query, sign)
 
-    # MaZO: a masked parameter keeps one persistent scratch equal to theta off the mask (masked training
-    # never changes those elements); each probe rewrites only the masked elements, so its traffic scales
-    # with the mask, at the memory cost of one copy of each masked parameter. The scratch is re-copied
-    # (dense) when theta's storage or version counter changed other than by the masked update
-    # (note_update() records that one).
-    def _masked_scratch(self, idx: list[int], seed: int, query: int, sign: int) -> list[torch.Tensor]:
-        masks, tensors = self.params.masks, self.params.tensors
-        dense = [i for i in idx if masks[i] is None]
-        masked = [i for i in idx if masks[i] is not None]
-        out = dict(zip(dense, self._perturbed_copy([tensors[i] for i in dense], dense, seed, query, sign))) \
-            if dense else {}
-        bufs = [self._mask_buffer(i) for i in masked]
-        ops.masked_perturbed_copy([tensors[i] for i in masked], [masks[i] for i in masked], seed,
-                                  sign * self.config.eps, [self.params.keys[i] for i in masked], query=query,
-                                  dist=self.config.dist, rounding=self.config.probe_rounding,
-                                  sr_stream=C.STREAM_PROBE_SR_POS if sign > 0 else C.STREAM_PROBE_SR_NEG,
-                                  offsets=self.params.offsets_of(masked), outs=bufs, backend=self.backend)
-        out.update(zip(masked, bufs))
-        return [out[i] for i in idx]
+    def masked_backups(self, idx: list[int]) -> list[torch.Tensor]:
+        """The values of the masked elements of tensors[i], i in idx (a copy: what masked_in_storage overwrites)."""
+        out = []
+        for i in idx:
+            if i not in self._mask_index:  # flat indices of the mask, kept: 4 bytes per masked element (int32)
+                ix = self.params.masks[i].local_indices()
+                self._mask_index[i] = ix.to(torch.int32) if self.params.tensors[i].numel() < 2 ** 31 else ix
+            out.append(self.params.tensors[i].detach().view(-1)[self._mask_index[i]])
+        return out
 
-    def _mask_buffer(self, i: int) -> torch.Tensor:
-        t = self.params.tensors[i]
-        scratch = self.__dict__.setdefault("mask_scratch", {})
-        buf, state = scratch.get(i, (None, None))
-        if buf is None or state != (t.data_ptr(), t._version):
-            buf = t.detach().clone()
-            self.mask_scratch_copies = getattr(self, "mask_scratch_copies", 0) + 1
-            scratch[i] = (buf, (t.data_ptr(), t._version))
-        return buf
+    def masked_in_storage(self, idx: list[int], seed: int, query: int, sign: int) -> None:
+        """Masked elements of tensors[i] <- R(theta + sign eps z_query), in place: the values masked_perturbed_copy
+        writes (same rounding, same uniforms), read by every forward whoever reads the parameter."""
+        ops.masked_perturb_([self.params.tensors[i] for i in idx], [self.params.masks[i] for i in idx], seed,
+                            sign * self.config.eps, [self.params.keys[i] for i in idx], query=query,
+                            dist=self.config.dist, rounding=self.config.probe_rounding,
+                            sr_stream=C.STREAM_PROBE_SR_POS if sign > 0 else C.STREAM_PROBE_SR_NEG,
+                            offsets=self.params.offsets_of(idx), backend=self.backend)
 
-    def note_update(self) -> None:
-        """After a masked update: the persistent scratch still equals theta off the mask."""
-        scratch = self.__dict__.get("mask_scratch", {})
-        for i, (buf, _) in scratch.items():
-            t = self.params.tensors[i]
-            scratch[i] = (buf, (t.data_ptr(), t._version))
+    def restore_masked(self, idx: list[int], backups: list[torch.Tensor]) -> None:
+        """Write masked_backups' values back: tensors[i] bitwise as before masked_in_storage."""
+        with torch.no_grad():
+            for i, b in zip(idx, backups):
+                self.params.tensors[i].view(-1)[self._mask_index[i]] = b
 
     def _perturbed_copy(self, sources, idx, seed, query, sign, outs=None) -> list[torch.Tensor]:
         return ops.perturbed_copy(sources, seed, sign * self.config.eps,
@@ -182,6 +182,8 @@ class Prober:
         handles = []
         sharded = sorted(self.sharded)
         shard_backups: list[torch.Tensor] = []
+        masked = sorted(self.masked)
+        mask_backups: list[torch.Tensor] = []
 
         def swap_in(idx: list[int], saved: dict[int, torch.Tensor]) -> None:
             for i, s in zip(idx, self.scratch(idx, seed, query, sign)):
@@ -210,6 +212,9 @@ class Prober:
             with quiet():
                 if sharded:
                     shard_backups = self.in_storage(sharded, seed, query, sign)
+                if masked:
+                    mask_backups = self.masked_backups(masked)
+                    self.masked_in_storage(masked, seed, query, sign)
                 whole = sorted(self.whole)
                 if whole:
                     swap_in(whole, whole_saved)
@@ -229,3 +234,4 @@ class Prober:
             with quiet():
                 for i, backup in zip(sharded, shard_backups):
                     tensors[i].copy_(backup)
+                self.restore_masked(masked[:len(mask_backups)], mask_backups)

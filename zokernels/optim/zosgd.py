@@ -44,6 +44,10 @@ class ZOSGD(ZOOptimizer):
     masks={name or tensor: zokernels.mazo.ParamMask} (MaZO, docs/mazo.md): those parameters are
     perturbed and updated on their masked elements only (z there is the dense contract's z); the
     others stay dense. The masks' fingerprint goes into the log, and replay needs the same masks.
+    Drift-free probes write R(W + eps z) into the masked elements in place for the whole closure and
+    write the saved values back after it (bitwise): no dense copy, and the probe always sees W as it is
+    now (also after a `p.data` edit, which no version counter records). Memory: 4 bytes of index per
+    masked element, plus the masked values while a probe runs.
 
     Probes (`probe=`):
       - "hooks" (default with a model): drift-free; forward pre/post hooks on every module that
@@ -68,8 +72,18 @@ class ZOSGD(ZOOptimizer):
     read while it is swapped (a cached alias such as a stored transpose), ProbeError is raised rather
     than a wrong g returned; use probe="inplace" for such models.
 
-    Non-finite losses: the step changes no weight (in-place: the perturbation is undone), is logged
-    as skipped and warned about (nonfinite="skip") or raises NonFiniteLoss ("raise").
+    Non-finite losses: the step is dropped (no update), logged as skipped and warned about
+    (nonfinite="skip") or raises NonFiniteLoss ("raise"); so is a step whose closure raises. Drift-free
+    probes leave the weights bitwise as they were. In-place probes "restore" them by running the
+    remaining passes that undo the perturbation in force, each rounded to nearest like every in-place
+    pass: a step dropped after its forward k ends at RN(RN(w + eps z) - eps z) (k = 0, the L+ forward)
+    or RN(RN(RN(w + eps z) - 2 eps z) + eps z) (k = 1, L-), per query as inplace_undo lists. That is w
+    only up to rounding: |w' - w| <= 1.5 ulp(|w| + 2 eps |z|) (three roundings of half an ulp; measured
+    max 1.0), e.g. bf16 ~N(0, 0.02^2) weights, eps 1e-3: 4.7% (k = 0) / 46% (k = 1) of the elements
+    move, float32 likewise at its own ulp. The log records k (StepRecord.stop) and replay runs the same
+    passes, so replay stays bitwise. A bitwise restore would need a copy of the weights (the memory this
+    mode exists to save: "hooks" gives bitwise probes for the modules in flight) or kernels that keep
+    what each rounding lost.
 
     Multi-process (docs/distributed.md): `process_group` (default: the world group when
     torch.distributed is initialised with > 1 rank; otherwise no collective at all). Data parallel:
@@ -82,7 +96,10 @@ class ZOSGD(ZOOptimizer):
 
     `opt.log` (FineTuneLog) records every step; `opt.log.save(path)` + `zokernels.replay(model, path)`
     rebuild the fine-tuned weights from the base weights. `state_dict()` carries seed, step count,
-    config and log: resuming gives the same trajectory bitwise.
+    config, log and each trained tensor's shape, dtype and CRC-32 at save time: resuming gives the same
+    trajectory bitwise, and load_state_dict refuses (naming the parameter) a model whose weights are
+    not the ones saved with the state — load the model's weights first. A state saved without that
+    record (an older zokernels) loads with a warning.
     """
 
     NAME, TITLE = "zosgd", "ZOSGD"
@@ -132,6 +149,7 @@ class ZOSGD(ZOOptimizer):
         self.keys: dict[str, int] = {n: C.param_key(n) for n in flat_names}
         self._names = flat_names
         local_tensors, offsets, sharded = distributed.local_shards(flat_names, tensors)
+        _check_no_shared_memory(flat_names, local_tensors)
         self._table = ParamTable(local_tensors, [self.keys[n] for n in flat_names],
                                  [gi for gi, g in enumerate(self.param_groups) for _ in g["params"]],
                                  offsets=offsets if sharded else None, sharded=sharded)
@@ -151,6 +169,11 @@ class ZOSGD(ZOOptimizer):
                       backends=dict(self._backends), masks=mask_fp)
 
     # ------------------------------------------------------------------ ZOOptimizer hooks
+    def _state_tensors(self):
+        """Sharded (DTensor) parameters: their global shape and dtype only (a checksum would need a collective)."""
+        tensors = [t for g in self.param_groups for t in g["params"]]
+        return [(n, t, i not in self._table.sharded) for i, (n, t) in enumerate(zip(self._names, tensors))]
+
     def _extra_state(self) -> dict:
         return {"whole_forward_swap": sorted(self._names[i] for i in self._prober.whole)
                 if self._prober is not None and self.config.probe == "hooks" else []}
@@ -171,6 +194,12 @@ class ZOSGD(ZOOptimizer):
             index = {n: i for i, n in enumerate(self._names)}
             self._prober.whole |= {index[n] for n in extra["whole_forward_swap"]}
         self._verified = False
+
+    def _skip_outcome(self) -> str:
+        if self.config.probe == "inplace":
+            return ("probe='inplace': the weights were restored up to rounding, each undo pass rounding to nearest "
+                    "(|change| <= 1.5 ulp of |w| + 2 eps |z|; replay reproduces it bitwise)")
+        return super()._skip_outcome()
 
     def _zo_step(self, closure, seed: int, lrs, wds) -> float:
         if self.config.probe == "inplace":
@@ -265,8 +294,6 @@ class ZOSGD(ZOOptimizer):
             return self._warn_or_raise(f"the projected gradients {grads} overflow float32", loss)
         record = StepRecord(seed, grads, lrs, wds)
         apply_update(self._table, record, cfg, self.backend)
-        if self._table.masks is not None:
-            self._prober.note_update()
         self._commit(record)
         return loss
 
@@ -394,6 +421,24 @@ def _collect_groups(params, model: torch.nn.Module | None) -> tuple[list[dict], 
                       "position, so the perturbations (and a saved log) depend on parameter order. Pass "
                       "the model, model=..., or (name, tensor) pairs for stable keys.", stacklevel=user_stacklevel())
     return groups, names
+
+
+def _check_no_shared_memory(names: list[str], tensors: list[torch.Tensor]) -> None:
+    """Each trained element belongs to one parameter. Two parameters over the same or overlapping memory (views
+    of one storage, or two nn.Parameters made from one tensor) would be perturbed and updated twice per step;
+    a parameter tied by module sharing is one tensor and is listed (and trained) once."""
+    spans = sorted((str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
+                   for i, t in enumerate(tensors) if t.numel())
+    for (d0, s0, e0, i), (d1, s1, e1, j) in zip(spans, spans[1:]):
+        if d0 == d1 and s1 < e0:
+            a, b = names[i], names[j]
+            if (s0, e0) == (s1, e1):
+                raise ValueError(f"ZOSGD: parameters {a!r} and {b!r} share memory (two tensors over the same "
+                                 "elements, e.g. nn.Parameter(p.data)); tie them as one nn.Parameter, which is "
+                                 "trained once, or give each its own storage")
+            raise ValueError(f"ZOSGD: parameters {a!r} and {b!r} overlap in memory (views of one storage: bytes "
+                             f"[0, {e0 - s0}) of {a!r} and [{s1 - s0}, {e1 - s0}) from {a!r}'s start); each element "
+                             "must belong to one parameter: pass disjoint views, or the whole tensor once")
 
 
 def _check_param(t: torch.Tensor, name: str) -> None:

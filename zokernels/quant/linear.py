@@ -219,13 +219,24 @@ def quantize_model(model: torch.nn.Module, fmt: str = "int8", *, exclude=("lm_he
     rounds to nearest or stochastically (STREAM_QUANT_SR, `seed`, the weight's key). Returns a QuantReport.
     matmul: the layers' forward path, "dequant" | "auto" (CUDA: the format's quantized path, CPU: dequant)
     | the format's own path ("w8a8" for int8, "w4a16" for int4, "fp8" for fp8); matmul_backend: see
-    zokernels.quant.matmul."""
+    zokernels.quant.matmul.
+
+    Raises ValueError, before changing anything, when no nn.Linear is left to quantize (none in the model, all
+    excluded, or all already QuantLinear): a 0-layer "quantized" model is the float model, and a run would go
+    on to train and report it as quantized (a warning scrolls past in a training log)."""
     F.check_format(fmt)
     if matmul in MATMUL_FORMAT and MATMUL_FORMAT[matmul] != fmt:
         raise ValueError(f"matmul={matmul!r} needs fmt={MATMUL_FORMAT[matmul]!r}, not {fmt!r}")
+    linears = [(n, m) for n, m in model.named_modules() if type(m) is torch.nn.Linear]
+    targets = [(n, m) for n, m in linears if not _excluded(n, exclude)]
+    if not targets:
+        done = len(quant_layers(model))
+        why = (f"all {len(linears)} nn.Linear layers are excluded by exclude={exclude!r}" if linears else
+               f"its {done} linear layers are already quantized (QuantLinear)" if done else
+               "it has none (only exact nn.Linear modules are quantized; subclasses and Conv1D-style layers are not)")
+        raise ValueError(f"quantize_model found no nn.Linear to quantize in {type(model).__name__}: {why}; "
+                         "the model was not changed")
     before_model = _model_bytes(model)
-    targets = [(n, m) for n, m in model.named_modules()
-               if type(m) is torch.nn.Linear and not _excluded(n, exclude)]
     before = after = 0
     for name, lin in targets:
         key = weight_key(name)

@@ -156,10 +156,8 @@ class QuZO(ZOOptimizer):
             if fmt is None:
                 raise ValueError("the model has no QuantLinear layers: pass fmt='int8'|'int4'|'fp8' to quantize "
                                  "it, or call zokernels.quant.quantize_model first")
-            self.quant_report = quantize_model(model, fmt, **(quantize_kwargs or {}))
+            self.quant_report = quantize_model(model, fmt, **(quantize_kwargs or {}))  # raises if none is left
             layers = quant_layers(model)
-            if not layers:
-                raise ValueError("quantize_model found no nn.Linear to quantize (all excluded?)")
         fmts = {m.fmt for _, m in layers}
         if fmt is not None and fmts != {fmt}:
             raise ValueError(f"fmt={fmt!r} but the model's QuantLinear layers are {sorted(fmts)}")
@@ -258,6 +256,10 @@ class QuZO(ZOOptimizer):
         return loss
 
     # ------------------------------------------------------------------ ZOOptimizer hooks
+    def _state_tensors(self):
+        return [(f"{n}.{b}", getattr(m, b), True) for n, m in zip(self._names, self._layers)
+                for b in ("qweight", "scale")]
+
     def _saved_log(self, extra: dict) -> FineTuneLog:
         if "log" in extra:
             return super()._saved_log(extra)
