@@ -11,6 +11,7 @@ this module never fails, unavailable_reason() says what is missing.
 from __future__ import annotations
 
 import collections
+import importlib
 from typing import NamedTuple
 
 import torch
@@ -123,6 +124,13 @@ def _k():
     if kernels is None:
         raise RuntimeError(_kernels_error or _triton_import_error())
     return kernels
+
+
+def kernels_module(name: str):
+    """A kernels module of this package (masked_kernels, quant_kernels), imported on first use after the dense
+    kernels (whose import says why triton is unusable, if it is)."""
+    _k()
+    return importlib.import_module(f"{__name__}.{name}")
 
 
 # ----------------------------------------------------------------------------- host tables

@@ -11,7 +11,7 @@ import torch
 from ... import contract as C
 from .._common import Group, UpdateSpec, chunk_table, philox_span
 from ..registry import register
-from . import _KIND, _cached, _deltas, _i64, _launch, _lr_wd, _pointer, _seed_words, _c1_high
+from . import _KIND, _c1_high, _cached, _deltas, _i64, _launch, _lr_wd, _pointer, _seed_words, kernels_module
 
 FORMATS = {"rows": 0, "blocks": 1, "bits": 2}
 # Elements per program (rows), Philox rows per tile (blocks, bits). GPU values are not yet measured
@@ -19,17 +19,8 @@ FORMATS = {"rows": 0, "blocks": 1, "bits": 2}
 BLOCKS_GPU = {0: 1024, 1: 512, 2: 512}
 BLOCKS_INTERPRETER = {0: 4096, 1: 1024, 2: 1024}
 
-_mk = None
-
-
 def _kernels():
-    global _mk
-    if _mk is None:
-        from . import _k
-        _k()  # raises with the reason if triton or the dense kernels are unusable
-        from . import masked_kernels
-        _mk = masked_kernels
-    return _mk
+    return kernels_module("masked_kernels")
 
 
 

@@ -13,7 +13,7 @@ import torch
 from ... import contract as C
 from ... import numerics as N
 from ..registry import register
-from . import _KIND, NAME, _c1_high, _i32, _launch, _pointer, _seed_words
+from . import _KIND, NAME, _c1_high, _i32, _launch, _pointer, _seed_words, kernels_module
 
 FMT = {"int8": 0, "int4": 1, "fp8": 2}
 OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3, torch.float8_e4m3fn: 4,
@@ -24,17 +24,8 @@ OUT_KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.int8: 3
 BLOCKS_GPU = 256
 BLOCKS_INTERPRETER = 1024
 
-_qk = None
-
-
 def _kernels():
-    global _qk
-    if _qk is None:
-        from . import _k
-        _k()  # raises with the reason if triton or the dense kernels are unusable
-        from . import quant_kernels
-        _qk = quant_kernels
-    return _qk
+    return kernels_module("quant_kernels")
 
 
 def _blocks(device: torch.device, numel: int) -> int:
