@@ -320,3 +320,17 @@ def test_report_writes_metrics_and_plot_from_a_fake_state(tmp_path, tiny, fo, qu
                               "model_bytes_after": 700, "quzo_layers": None}
     assert lines == [f"wrote {out}/metrics.json, training_curves.png, finetune_log.npz "
                      f"({m['seconds']['total']:.0f}s total)"]
+
+
+def test_quantize_stage_turns_a_model_without_linears_into_one_error():
+    """--quant on a model with nothing to quantize: ZOError (the CLI's one-line error), not a traceback."""
+    from zokernels.hf.errors import ZOError
+    from zokernels.hf.tuning import quantize_for_tuning
+
+    class NoLinear(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = torch.nn.LayerNorm(8)
+
+    with pytest.raises(ZOError, match="--quant int8: .*nn.Linear"):
+        quantize_for_tuning(NoLinear(), "int8", "final-norm")

@@ -156,8 +156,11 @@ def quantize_for_tuning(model: nn.Module, fmt: str, mode: str, *, group_size: in
     if fmt not in QUANT_FORMATS:
         raise ZOError(f"--quant must be one of none, {', '.join(QUANT_FORMATS)}, got {fmt!r}")
     lora = tuple(n for n, m in model.named_modules() if ".lora_" in n and type(m) is nn.Linear)
-    report = quantize_model(model, fmt, exclude=("lm_head",) + lora + adapter_linears(model), group_size=group_size,
-                            matmul=matmul)
+    try:
+        report = quantize_model(model, fmt, exclude=("lm_head",) + lora + adapter_linears(model),
+                                group_size=group_size, matmul=matmul)
+    except ValueError as e:  # nothing to quantize (no nn.Linear, e.g. GPT-2's Conv1D), a bad group size, ...
+        raise ZOError(f"--quant {fmt}: {e}") from None
     if mode not in QUZO_MODES:
         return report, None
     for p in model.parameters():
