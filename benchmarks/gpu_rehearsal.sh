@@ -104,6 +104,17 @@ print(f"gpu-rehearsal: pytest -m gpu: {n['tests']} tests, {n['skipped']} skipped
 sys.exit(0 if n["tests"] > 0 and n["failures"] == 0 and n["errors"] == 0 and n["skipped"] == n["tests"] else 1)
 EOF
 
+# ---------------------------------------------------------------- the HF layer on the oldest supported transformers
+# The image's transformers (5.17) is the oldest release zokernels.hf supports: its trainer and CLI-stage tests
+# run here on CPU (pytest from the session's offline site; peft-only tests skip: the image has no peft).
+if (cd "$W/tree" && env -u TRITON_INTERPRET -u ZOKERNELS_BACKEND PYTHONPATH="$W/tree/build/gpu-site:$W/tree" \
+    "$VENV/bin/python" -m pytest -q -p no:cacheprovider tests/test_hf.py tests/test_cli_stages.py > "$W/hf.log" 2>&1); then
+  echo "gpu-rehearsal: transformers $("$VENV/bin/python" -c 'import transformers; print(transformers.__version__)'):" \
+    "$(grep -E '[0-9]+ passed' "$W/hf.log" | tail -n 1)"
+else
+  problems+=("tests/test_hf.py + test_cli_stages.py on the image's transformers: $(tail -n 15 "$W/hf.log")")
+fi
+
 cat "$W/out/summary.txt"
 echo "gpu-rehearsal: $(($(date +%s) - T_START)) s in all (CPU)"
 if ((${#problems[@]})); then

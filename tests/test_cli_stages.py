@@ -2,6 +2,7 @@
 inputs, quantize / cache set up what --tune and --quant ask for, evaluate matches a hand computation, zero-shot
 results round-trip for --resume, train + save write the log and the model, report writes metrics.json and the
 plot from a fake state."""
+import importlib.util
 import json
 
 import pytest
@@ -289,6 +290,9 @@ def fake_state(tmp_path, tiny, fo: bool, quant: bool) -> stages.RunState:
     return stages.RunState(cfg, loaded, tuned, zs, zo, "finetune_log.npz", 123.0, fo_run, started=0.0)
 
 
+PLOTS = importlib.util.find_spec("matplotlib") is not None  # the GPU rehearsal's image has no matplotlib
+
+
 @pytest.mark.parametrize("fo, quant", [(False, False), (True, True)])
 def test_report_writes_metrics_and_plot_from_a_fake_state(tmp_path, tiny, fo, quant):
     state = fake_state(tmp_path, tiny, fo, quant)
@@ -296,8 +300,9 @@ def test_report_writes_metrics_and_plot_from_a_fake_state(tmp_path, tiny, fo, qu
     m = stages.report(state, say=lines.append)
     out = tmp_path / "o"
     assert json.loads((out / "metrics.json").read_text()) == json.loads(json.dumps(m))
-    assert (out / "training_curves.png").stat().st_size > 1000
-    assert sorted(p.name for p in out.iterdir()) == ["metrics.json", "training_curves.png"]
+    if PLOTS:
+        assert (out / "training_curves.png").stat().st_size > 1000
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"] + (["training_curves.png"] if PLOTS else [])
     assert m["config"] == state.cfg and m["data"] == "d.csv" and m["labels"] == ["pos", "neg"]
     assert (m["trainable_params"], m["total_params"], m["n_test"], m["n_dev"]) == (32, 1000, 4, 3)
     assert m["zero_shot"] == {"test_accuracy": 0.5, "dev_accuracy": 0.25,
@@ -318,8 +323,19 @@ def test_report_writes_metrics_and_plot_from_a_fake_state(tmp_path, tiny, fo, qu
         assert m["quant"] == {"fmt": "int4", "group_size": 32, "matmul": "dequant", "layers": 2,
                               "linear_bytes_before": 400, "linear_bytes_after": 100, "model_bytes_before": 1000,
                               "model_bytes_after": 700, "quzo_layers": None}
-    assert lines == [f"wrote {out}/metrics.json, training_curves.png, finetune_log.npz "
-                     f"({m['seconds']['total']:.0f}s total)"]
+    assert lines[-1] == (f"wrote {out}/metrics.json, {'training_curves.png, ' if PLOTS else ''}finetune_log.npz "
+                         f"({m['seconds']['total']:.0f}s total)")
+    assert len(lines) == (1 if PLOTS else 2)
+
+
+def test_report_without_matplotlib_writes_metrics_and_says_the_plot_was_skipped(tmp_path, tiny, monkeypatch):
+    def no_matplotlib(*a, **k):
+        raise ImportError("No module named 'matplotlib'")
+    monkeypatch.setattr(stages, "write_plot", no_matplotlib)
+    lines = []
+    stages.report(fake_state(tmp_path, tiny, False, False), say=lines.append)
+    assert sorted(p.name for p in (tmp_path / "o").iterdir()) == ["metrics.json"]
+    assert lines[0].startswith("plot skipped: matplotlib missing") and "training_curves" not in lines[1]
 
 
 def test_quantize_stage_turns_a_model_without_linears_into_one_error():

@@ -507,12 +507,17 @@ def report(state: RunState, say: Say = print) -> dict:
     curves, final = {"ZO": state.zo.curves}, {"ZO": state.zo.test.test}
     if state.fo is not None:
         curves["FO"], final["FO"] = state.fo.curves, state.fo.test.test
-    write_plot(os.path.join(out, "training_curves.png"), curves,
-               {"dev": state.zero_shot.dev, "test": state.zero_shot.test}, final)
+    plot = "training_curves.png, "
+    try:
+        write_plot(os.path.join(out, "training_curves.png"), curves,
+                   {"dev": state.zero_shot.dev, "test": state.zero_shot.test}, final)
+    except ImportError as e:  # the plot is best effort: metrics.json holds every curve it draws
+        say(f"plot skipped: matplotlib missing ({e})")
+        plot = ""
     m["seconds"]["total"] = time.time() - state.started
     with open(os.path.join(out, "metrics.json"), "w") as fh:
         json.dump(m, fh, indent=1)
-    say(f"wrote {out}/metrics.json, training_curves.png, {state.log_file} ({m['seconds']['total']:.0f}s total)")
+    say(f"wrote {out}/metrics.json, {plot}{state.log_file} ({m['seconds']['total']:.0f}s total)")
     return m
 
 
