@@ -6,7 +6,7 @@ from .backends.registry import BackendUnavailable
 from .optim import ZOSGD, NonFiniteLoss
 from .log import CorruptLog, FineTuneLog, LogMismatch, replay
 from .probe import ProbeError
-from . import quant
+from . import adapters, quant
 from .quant.quzo import QuZO
 
 __version__ = "0.1.0"
@@ -14,4 +14,4 @@ __version__ = "0.1.0"
 __all__ = ["CONTRACT_VERSION", "param_key", "perturbation", "uniform", "stochastic_round", "perturb_",
            "perturbed_copy", "zo_update_", "masked_perturb_", "masked_perturbed_copy", "masked_zo_update_",
            "philox4x32", "OpError", "BackendUnavailable", "ZOSGD", "NonFiniteLoss", "FineTuneLog",
-           "LogMismatch", "CorruptLog", "replay", "ProbeError", "quant", "QuZO"]
+           "LogMismatch", "CorruptLog", "replay", "ProbeError", "quant", "adapters", "QuZO"]
