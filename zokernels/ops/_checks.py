@@ -63,22 +63,32 @@ def coeffs_of(coeffs) -> tuple[float, ...]:
 
 
 # ----------------------------------------------------------------------------- tensors
-def _span(t: torch.Tensor) -> tuple[int, int]:
+def memory_span(t: torch.Tensor) -> tuple[int, int]:
+    """[first byte, end byte) of a contiguous tensor's data."""
     start = t.data_ptr()
     return start, start + t.numel() * t.element_size()
+
+
+def overlapping_pair(tensors: Sequence[torch.Tensor]) -> tuple[int, int] | None:
+    """(i, j) of two non-empty tensors that share memory on one device, tensor i's data starting first, or None.
+    Sorted by start, any overlap shows between neighbours: if spans a < c overlap, so do a and a + 1."""
+    spans = sorted(((str(t.device),) + memory_span(t) + (i,) for i, t in enumerate(tensors) if t.numel()),
+                   key=lambda s: s[:2])
+    for (d0, _, e0, i), (d1, s1, _, j) in zip(spans, spans[1:]):
+        if d0 == d1 and s1 < e0:
+            return i, j
+    return None
 
 
 def check_disjoint(tensors: Sequence[torch.Tensor], what: str) -> None:
     """No tensor listed twice and no two tensors sharing memory: an in-place op would apply twice, an
     out-of-place op would read what it already wrote."""
-    spans = sorted(((str(t.device),) + _span(t) + (i,) for i, t in enumerate(tensors) if t.numel()),
-                   key=lambda s: s[:2])
-    for (d0, s0, e0, i), (d1, s1, e1, j) in zip(spans, spans[1:]):
-        if d0 == d1 and s1 < e0:
-            a, b = sorted((i, j))
-            same = s0 == s1 and e0 == e1
-            raise OpError(f"{what}: tensors {a} and {b} " + ("are the same memory (a tensor listed twice)" if same else
-                          "overlap in memory (views of one storage)") + "; each element may be listed once")
+    pair = overlapping_pair(tensors)
+    if pair is not None:
+        a, b = sorted(pair)
+        same = memory_span(tensors[a]) == memory_span(tensors[b])
+        raise OpError(f"{what}: tensors {a} and {b} " + ("are the same memory (a tensor listed twice)" if same else
+                      "overlap in memory (views of one storage)") + "; each element may be listed once")
 
 
 def tensor_list(tensors, what: str) -> list[torch.Tensor]:

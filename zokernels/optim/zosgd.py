@@ -427,18 +427,18 @@ def _check_no_shared_memory(names: list[str], tensors: list[torch.Tensor]) -> No
     """Each trained element belongs to one parameter. Two parameters over the same or overlapping memory (views
     of one storage, or two nn.Parameters made from one tensor) would be perturbed and updated twice per step;
     a parameter tied by module sharing is one tensor and is listed (and trained) once."""
-    spans = sorted((str(t.device), t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), i)
-                   for i, t in enumerate(tensors) if t.numel())
-    for (d0, s0, e0, i), (d1, s1, e1, j) in zip(spans, spans[1:]):
-        if d0 == d1 and s1 < e0:
-            a, b = names[i], names[j]
-            if (s0, e0) == (s1, e1):
-                raise ValueError(f"ZOSGD: parameters {a!r} and {b!r} share memory (two tensors over the same "
-                                 "elements, e.g. nn.Parameter(p.data)); tie them as one nn.Parameter, which is "
-                                 "trained once, or give each its own storage")
-            raise ValueError(f"ZOSGD: parameters {a!r} and {b!r} overlap in memory (views of one storage: bytes "
-                             f"[0, {e0 - s0}) of {a!r} and [{s1 - s0}, {e1 - s0}) from {a!r}'s start); each element "
-                             "must belong to one parameter: pass disjoint views, or the whole tensor once")
+    pair = ops.overlapping_pair(tensors)
+    if pair is None:
+        return
+    (s0, e0), (s1, e1) = (ops.memory_span(tensors[k]) for k in pair)
+    a, b = (names[k] for k in pair)
+    if (s0, e0) == (s1, e1):
+        raise ValueError(f"ZOSGD: parameters {a!r} and {b!r} share memory (two tensors over the same "
+                         "elements, e.g. nn.Parameter(p.data)); tie them as one nn.Parameter, which is "
+                         "trained once, or give each its own storage")
+    raise ValueError(f"ZOSGD: parameters {a!r} and {b!r} overlap in memory (views of one storage: bytes "
+                     f"[0, {e0 - s0}) of {a!r} and [{s1 - s0}, {e1 - s0}) from {a!r}'s start); each element "
+                     "must belong to one parameter: pass disjoint views, or the whole tensor once")
 
 
 def _check_param(t: torch.Tensor, name: str) -> None:
