@@ -151,3 +151,32 @@ def test_zosgd_trains_adapters_only_and_replay_rebuilds_them():
     add_adapters(fresh, reduction=8)
     zokernels.replay(fresh, opt.log)
     assert all(torch.equal(p, trained[n]) for n, p in fresh.named_parameters())
+
+
+@pytest.mark.parametrize("arch", sorted(MODELS))
+def test_layers_puts_adapters_in_the_last_blocks_only(arch):
+    from zokernels.adapters import first_adapted_block
+
+    model = MODELS[arch]()
+    base = _logits(model)
+    names = add_adapters(model, placement="houlsby", reduction=4, layers=1)
+    assert len(names) == 2 and all(".1." in n for n in names)  # block 1 of 2, attention and MLP
+    assert first_adapted_block(model) == 1 and model.zo_adapter_config.layers == 1
+    assert torch.equal(_logits(model), base)
+
+
+def test_layers_out_of_range_refused_before_anything_changes():
+    model = _llama()
+    for layers, match in ((3, "2 decoder blocks"), (-1, "layers must be"), (True, "layers must be")):
+        with pytest.raises(AdapterError, match=match):
+            add_adapters(model, layers=layers)
+        assert not adapter_names(model) and all(p.requires_grad for p in model.parameters())
+
+
+def test_load_refuses_adapters_saved_for_other_layers(tmp_path):
+    a, b = _llama(), _llama()
+    add_adapters(a, reduction=4, layers=1)
+    add_adapters(b, reduction=4)
+    save_adapters(a, tmp_path / "a.safetensors")
+    with pytest.raises(AdapterError, match="configuration"):
+        load_adapters(b, tmp_path / "a.safetensors")

@@ -180,8 +180,8 @@ def test_defaults_are_loras_and_only_adapter_runs_record_adapter_options():
 
 
 def test_no_trunk_cache_with_adapters(tmp_path, tiny):
-    """Adapters sit in every decoder block (the first included): nothing before them is frozen, so --cache-trunk
-    auto (the CPU default) attaches no cache and the steps run the whole model."""
+    """The CPU default --adapter-layers 4 covers every block of the 2-block tiny model (the first included):
+    nothing before them is frozen, so --cache-trunk auto attaches no cache and the steps run the whole model."""
     from test_cli_stages import config, quiet
 
     cfg = config(tiny, tmp_path / "o", "--tune", "adapters")

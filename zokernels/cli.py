@@ -28,7 +28,8 @@ from .contract import MAX_QUERIES
 from .hf import pipeline as stages
 from .hf.errors import ZOError
 from .hf.pipeline import ZERO_SHOT_FILE, make_progress_callback
-from .hf.tuning import LEGACY_QUZO_LOG_FILE, LOG_FILE
+from .hf.tapt import TAPT_FILE
+from .hf.tuning import LEGACY_QUZO_LOG_FILE, LOG_FILE, TAPT_LOG_FILE
 
 # CPU, 2 cores: a forward of this model costs ~0.24 s per example, so ZO over the whole model cannot
 # move in 15 minutes. The final RMSNorm weight (576 params) is a real lever (first-order Adam on it:
@@ -72,11 +73,20 @@ TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
 RUN_OUTPUTS = ("run_config.json", "metrics.json", "training_curves.png", LOG_FILE, LEGACY_QUZO_LOG_FILE,
-               "model", "trainer", "trainer_fo", ZERO_SHOT_FILE)
+               "model", "trainer", "trainer_fo", ZERO_SHOT_FILE, TAPT_LOG_FILE, TAPT_FILE, "trainer_tapt",
+               "trainer_tapt_fo")
 # The ZO kernels take lr, eps and weight decay as float32: a larger value becomes inf (ZOSGD refuses it, but
 # only once the model is loaded and the zero-shot evaluation has run).
 FLOAT32_MAX = 3.4028234663852886e38
 ADAPTER_DEFAULTS = dict(adapter_placement="pfeiffer", adapter_reduction=16, adapter_activation="relu")
+# --adapter-layers when not given: on CPU the last 4 decoder blocks (the 26 before them are frozen and cached once
+# per example, LayerInputCache: a fine-tuning probe then costs 4 of 30 blocks + lm_head at the label position),
+# on a GPU every block (the paper's setting).
+ADAPTER_LAYERS_DEFAULT = {"cpu": 4, "cuda": 0}
+# The TAPT stage (--tapt-steps N > 0), recorded in run_config.json only then. Its lr / eps / fo-lr when not given:
+# the fine-tuning values of the same --tune (TUNE_DEFAULTS), except where TAPT_DEFAULTS says otherwise.
+TAPT_OPTIONS = dict(tapt_examples=1000, tapt_eval_examples=200)
+TAPT_DEFAULTS: dict[str, dict] = {}
 SMOKE = dict(max_steps=2, eval_examples=8, dev_eval_examples=8, eval_every=0, train_examples=64, dev_examples=16,
              test_examples=16, batch_size=4)
 
@@ -150,6 +160,21 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--tune adapters: bottleneck size = hidden size / N (default: 16)")
     t.add_argument("--adapter-activation", choices=tuple(ACTIVATIONS),
                    help="--tune adapters: the bottleneck's activation (default: relu)")
+    t.add_argument("--adapter-layers", type=int,
+                   help="--tune adapters: adapters in the last N decoder blocks only (all if the model has fewer), "
+                        "the blocks before them cached once per example (0: every block; default: CPU 4, GPU 0)")
+    a_ = p.add_argument_group("task-adaptive pretraining (TAPT)")
+    a_.add_argument("--tapt-steps", type=int, default=0,
+                    help="first N steps of causal-LM training on the corpus's unlabeled text (never a dev or test "
+                         "text) through what --tune selects, then fine-tuning from there (default: 0, no TAPT)")
+    a_.add_argument("--tapt-lr", type=float, help="TAPT's ZO learning rate (default: --tune's fine-tuning lr)")
+    a_.add_argument("--tapt-eps", type=float, help="TAPT's perturbation scale (default: --tune's eps)")
+    a_.add_argument("--tapt-fo-lr", type=float, help="TAPT's AdamW lr in --baseline fo (default: --tune's fo-lr)")
+    a_.add_argument("--tapt-examples", type=int,
+                    help="unlabeled texts TAPT cycles through: the train texts first, then others (default: 1000; "
+                         "0: every text not in dev or test)")
+    a_.add_argument("--tapt-eval-examples", type=int,
+                    help="dev texts the held-out LM loss / perplexity is measured on (default: 200)")
     t.add_argument("--objective", choices=("ce", "lm", "accuracy"), default="ce",
                    help="minimized: ce = cross-entropy over the label words' log-likelihoods (MeZO's "
                         "train_as_classification); lm = full-vocabulary NLL of the label word; "
@@ -243,7 +268,14 @@ def _with_defaults(args: argparse.Namespace, device: str) -> dict:
     cfg["lora_targets"] = [t.strip() for t in args.lora_targets.split(",") if t.strip()]
     cfg["tune_linears"] = [t.strip() for t in args.tune_linears.split(",") if t.strip()]
     if tune == "adapters":  # recorded only for adapter runs: other runs' run_config.json (and --resume) unchanged
-        for key, default in ADAPTER_DEFAULTS.items():
+        for key, default in {**ADAPTER_DEFAULTS, "adapter_layers": ADAPTER_LAYERS_DEFAULT[device]}.items():
+            value = getattr(args, key)
+            cfg[key] = default if value is None else value
+    if args.tapt_steps:  # likewise recorded only for runs with a TAPT stage
+        tapt = {**TAPT_OPTIONS, "tapt_lr": cfg["lr"],
+                "tapt_eps": cfg["eps"], "tapt_fo_lr": cfg["fo_lr"], **TAPT_DEFAULTS.get(tune, {})}
+        cfg["tapt_steps"] = args.tapt_steps
+        for key, default in tapt.items():
             value = getattr(args, key)
             cfg[key] = default if value is None else value
     return cfg
@@ -281,9 +313,16 @@ def _check_options(cfg: dict, args: argparse.Namespace, parser: argparse.Argumen
         parser.error("--resume continues the run in --output-dir, --overwrite replaces it: pick one")
     if cfg["tune_linears"] and cfg["tune"] != "last-layers":
         parser.error("--tune-linears applies to --tune last-layers only")
-    given = [f"--{k.replace('_', '-')}" for k in ADAPTER_DEFAULTS if getattr(args, k) is not None]
+    given = [f"--{k.replace('_', '-')}" for k in (*ADAPTER_DEFAULTS, "adapter_layers") if getattr(args, k) is not None]
     if given and cfg["tune"] != "adapters":
         parser.error(f"{', '.join(given)} applies to --tune adapters only")
+    given = [f"--{k.replace('_', '-')}" for k in ("tapt_lr", "tapt_eps", "tapt_fo_lr", "tapt_examples",
+                                                  "tapt_eval_examples") if getattr(args, k) is not None]
+    if given and not args.tapt_steps:
+        parser.error(f"{', '.join(given)} applies to a TAPT stage only (--tapt-steps N > 0)")
+    if args.tapt_steps and quzo:
+        raise ZOError(f"--tapt-steps with --quant and --tune {cfg['tune']}: a QuZO TAPT stage is not implemented; "
+                      "use --tune adapters, lora, norms or final-norm on the quantized base")
     _check_output_dir_vs_model(cfg["output_dir"], cfg["model"])
 
 
@@ -324,6 +363,13 @@ def _check_numbers(cfg: dict, parser: argparse.ArgumentParser) -> None:
         parser.error(f"--weight-decay must be a finite number >= 0, got {cfg['weight_decay']}")
     if cfg.get("adapter_reduction", 1) < 1:
         parser.error(f"--adapter-reduction must be >= 1, got {cfg['adapter_reduction']}")
+    for key in ("adapter_layers", "tapt_steps", "tapt_examples", "tapt_eval_examples"):
+        if cfg.get(key, 0) < 0:
+            parser.error(f"--{key.replace('_', '-')} must be >= 0, got {cfg[key]}")
+    for key in ("tapt_lr", "tapt_eps", "tapt_fo_lr"):
+        if key in cfg and not (0 < cfg[key] <= FLOAT32_MAX):  # NaN fails both
+            parser.error(f"--{key.replace('_', '-')} must be a finite number > 0 within float32 range, got "
+                         f"{cfg[key]}")
     if not math.isfinite(cfg["lora_alpha"]):
         parser.error(f"--lora-alpha must be a finite number, got {cfg['lora_alpha']}")
     if not 0 <= cfg["seed"] < 2**32:  # transformers.set_seed seeds numpy, which takes [0, 2**32)
@@ -394,7 +440,7 @@ def writable_output_dir(out: str) -> None:
 
 
 # run_config.json keys that may differ between a run and its --resume (everything else must match)
-RESUME_MAY_DIFFER = ("max_steps", "overwrite", "resume", "no_progress", "save_model", "baseline", "fo_lr",
+RESUME_MAY_DIFFER = ("max_steps", "overwrite", "resume", "no_progress", "save_model", "baseline", "fo_lr", "tapt_fo_lr",
                      "float_zero_shot", "eval_every", "eval_examples", "dev_eval_examples", "eval_batch_size")
 
 
@@ -478,13 +524,15 @@ def run(cfg: dict) -> dict:
     write_run_config(cfg)
     zero_shot = stages.zero_shot(cfg, tuned.model, loaded, float_test, saved)
     start = stages.trainable_state(tuned.model) if cfg["baseline"] == "fo" else None
+    tapt = stages.tapt(cfg, tuned.model, loaded, _progress(cfg, "ZO TAPT"), resume=resume_from is not None) \
+        if cfg.get("tapt_steps") else None
     zo = stages.train(cfg, tuned, loaded, zero_shot, _progress(cfg, "ZO fine-tune"), resume_from)
     log_file = stages.save(cfg, tuned, loaded.tokenizer, zo.log)
     peak = stages.peak_memory_mib(cfg["device"])
-    fo = stages.baseline(cfg, tuned.model, loaded, start, zero_shot, zo, _progress(cfg, "FO AdamW baseline")) \
-        if start is not None else None
+    fo = stages.baseline(cfg, tuned.model, loaded, start, zero_shot, zo, _progress(cfg, "FO AdamW baseline"),
+                         tapt_progress=_progress(cfg, "FO AdamW TAPT")) if start is not None else None
     return stages.report(stages.RunState(cfg, loaded, tuned, zero_shot, zo, log_file, peak_memory_mib=peak, fo=fo,
-                                         started=started))
+                                         started=started, tapt=tapt))
 
 
 def _progress(cfg: dict, desc: str):

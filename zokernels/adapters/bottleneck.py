@@ -56,6 +56,7 @@ class AdapterConfig:
     activation: str = "relu"
     layer_norm: bool = False
     float32: bool = False
+    layers: int = 0            # adapters in the last `layers` decoder blocks (0: every block)
     hidden: int = 0            # d, filled in by add_adapters
     bottleneck: int = 0        # d / r, filled in by add_adapters
 
@@ -112,11 +113,13 @@ def architecture_of(model: nn.Module) -> Architecture:
     return arch
 
 
-def _sites(model: nn.Module, arch: Architecture, placement: str) -> list[tuple[str, nn.Module]]:
-    """(name, sublayer) of every place an adapter goes, block by block."""
+def _sites(model: nn.Module, arch: Architecture, placement: str, layers: int = 0) -> list[tuple[str, nn.Module]]:
+    """(name, sublayer) of every place an adapter goes, block by block (the last `layers` blocks; 0: all)."""
     parts = (arch.attention, arch.mlp) if placement == "houlsby" else (arch.mlp,)
+    blocks = list(_get(model, arch.blocks))
+    first = len(blocks) - layers if layers else 0
     out = []
-    for i, block in enumerate(_get(model, arch.blocks)):
+    for i, block in enumerate(blocks[first:], start=first):
         for part in parts:
             out.append((f"{arch.blocks}.{i}.{part}", _get(block, part)))
     return out
@@ -127,23 +130,40 @@ def adapter_names(model: nn.Module) -> list[str]:
     return [n for n, m in model.named_modules() if isinstance(m, BottleneckAdapter)]
 
 
-def _check_options(placement: str, reduction: int, activation: str) -> None:
+def block_count(model: nn.Module) -> int:
+    """The number of decoder blocks of a supported model (AdapterError for another)."""
+    return len(_get(model, architecture_of(model).blocks))
+
+
+def first_adapted_block(model: nn.Module) -> int:
+    """Index of the first decoder block holding an adapter (every block before it is unchanged by them)."""
+    config = getattr(model, "zo_adapter_config", None)
+    if config is None:
+        raise AdapterError("the model has no adapters (add_adapters first)")
+    return block_count(model) - config.layers if config.layers else 0
+
+
+def _check_options(placement: str, reduction: int, activation: str, layers: int = 0) -> None:
     if placement not in PLACEMENTS:
         raise AdapterError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
     if isinstance(reduction, bool) or not isinstance(reduction, int) or reduction < 1:
         raise AdapterError(f"reduction must be an int >= 1, got {reduction!r}")
     if activation not in ACTIVATIONS:
         raise AdapterError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
+    if isinstance(layers, bool) or not isinstance(layers, int) or layers < 0:
+        raise AdapterError(f"layers must be an int >= 0 (0: every block), got {layers!r}")
 
 
 def add_adapters(model: nn.Module, placement: str = "pfeiffer", reduction: int = 16, activation: str = "relu", *,
-                 layer_norm: bool = False, float32: bool = False) -> list[str]:
+                 layer_norm: bool = False, float32: bool = False, layers: int = 0) -> list[str]:
     """Insert bottleneck adapters (d -> d / reduction -> d) after each block's MLP ("pfeiffer") or after its
-    attention and its MLP ("houlsby"); freeze every base weight. Adapters live on the base weights' device,
-    in their dtype (float32=True: in float32). Returns the adapters' names; their parameters are
+    attention and its MLP ("houlsby"), in every decoder block or, with layers=N, in the last N blocks only
+    (the blocks before them then compute what the base model does: their outputs can be cached); freeze
+    every base weight. Adapters live on the base weights' device, in their dtype (float32=True: in
+    float32). Returns the adapters' names; their parameters are
     `<name>.down.weight`, `<name>.down.bias`, `<name>.up.weight`, `<name>.up.bias` (and `<name>.norm.*`).
     Everything is checked before the model is touched."""
-    _check_options(placement, reduction, activation)
+    _check_options(placement, reduction, activation, layers)
     if adapter_names(model):
         raise AdapterError(f"the model already has adapters ({len(adapter_names(model))}); remove them or load "
                            "weights into them with load_adapters")
@@ -152,7 +172,11 @@ def add_adapters(model: nn.Module, placement: str = "pfeiffer", reduction: int =
     bottleneck = hidden // reduction
     if bottleneck < 1:
         raise AdapterError(f"reduction {reduction} leaves no bottleneck for hidden size {hidden}")
-    sites = _sites(model, arch, placement)
+    n_blocks = len(_get(model, arch.blocks))
+    if layers > n_blocks:
+        raise AdapterError(f"layers={layers}, but {type(model).__name__} has {n_blocks} decoder blocks")
+    layers = 0 if layers == n_blocks else layers  # one spelling of "every block", so saved configurations match
+    sites = _sites(model, arch, placement, layers)
     for name, sub in sites:
         if hasattr(sub, "adapter"):
             raise AdapterError(f"{name} already has an attribute 'adapter'")
@@ -165,7 +189,8 @@ def add_adapters(model: nn.Module, placement: str = "pfeiffer", reduction: int =
         sub.adapter = BottleneckAdapter(hidden, bottleneck, activation, layer_norm, dtype, base.device)
         sub.register_forward_hook(_AdapterHook())
         names.append(f"{name}.adapter")
-    model.zo_adapter_config = AdapterConfig(placement, reduction, activation, layer_norm, float32, hidden, bottleneck)
+    model.zo_adapter_config = AdapterConfig(placement, reduction, activation, layer_norm, float32, layers, hidden,
+                                             bottleneck)
     return names
 
 
@@ -202,9 +227,11 @@ def load_adapters(model: nn.Module, path: str | os.PathLike) -> None:
         raise AdapterError("the model has no adapters: add_adapters with the saved configuration first "
                            f"({meta.get('config')})")
     config = getattr(model, "zo_adapter_config", None)
-    mine = json.dumps(asdict(config), sort_keys=True) if config else None
-    if mine is not None and meta.get("config") not in (None, "{}") and mine != meta["config"]:
-        raise AdapterError(f"{path} holds adapters of configuration {meta['config']}, the model's are {mine}")
+    if config is not None and meta.get("config") not in (None, "{}"):
+        theirs = {**asdict(AdapterConfig()), **json.loads(meta["config"])}  # files written before `layers`
+        if theirs != asdict(config):
+            raise AdapterError(f"{path} holds adapters of configuration {json.dumps(theirs, sort_keys=True)}, the "
+                               f"model's are {json.dumps(asdict(config), sort_keys=True)}")
     missing, extra = sorted(set(state) - set(saved)), sorted(set(saved) - set(state))
     if missing or extra:
         raise AdapterError(f"{path} does not match the model's adapters: missing {missing[:4]}, unexpected "

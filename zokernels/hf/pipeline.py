@@ -93,11 +93,26 @@ def load_task_data(cfg: dict) -> tuple[str, PromptTask, dict]:
                       verbalizer=parse_verbalizer(cfg["verbalizer"], labels), max_text_tokens=cfg["max_text_tokens"])
     sizes = {"train": cfg["train_examples"], "dev": cfg["dev_examples"], "test": cfg["test_examples"]}
     splits = balanced_splits(examples, labels, sizes, seed=cfg["seed"])
+    if cfg.get("tapt_steps"):
+        add_unlabeled_splits(cfg, examples, splits)
     if cfg["eval_examples"]:
         splits["test"] = splits["test"][:cfg["eval_examples"]]
     if cfg["dev_eval_examples"]:
         splits["dev"] = splits["dev"][:cfg["dev_eval_examples"]]
     return str(path), task, splits
+
+
+def add_unlabeled_splits(cfg: dict, examples: list, splits: dict) -> None:
+    """With --tapt-steps: splits['unlabeled'], the TAPT texts (hf.tapt.unlabeled_texts: no dev or test text, the
+    train texts first, --tapt-examples of them), and splits['unlabeled_dev'], the first --tapt-eval-examples dev
+    texts (held-out perplexity). Taken before the dev and test splits are cut to --dev-eval-examples /
+    --eval-examples, so that no test text reaches TAPT even when only part of the test split is evaluated."""
+    from .tapt import unlabeled_texts
+
+    held_out = splits["dev"] + splits["test"]
+    splits["unlabeled"] = unlabeled_texts(examples, held_out, first=splits["train"], n=cfg["tapt_examples"],
+                                          seed=cfg["seed"])
+    splits["unlabeled_dev"] = [e.text for e in splits["dev"][:cfg["tapt_eval_examples"]]]
 
 
 def load(cfg: dict, say: Say = print) -> Loaded:
@@ -108,7 +123,9 @@ def load(cfg: dict, say: Say = print) -> Loaded:
 
     data_path, task, splits = load_task_data(cfg)
     say(f"data: {data_path}: train {len(splits['train'])}, dev {len(splits['dev'])}, test {len(splits['test'])} "
-        f"examples; labels {task.labels}")
+        f"examples; labels {task.labels}" + (f"; TAPT: {len(splits['unlabeled'])} unlabeled texts (no dev or test "
+                                             f"text), held-out perplexity on {len(splits['unlabeled_dev'])} dev texts"
+                                             if "unlabeled" in splits else ""))
     set_seed(cfg["seed"])
     t0 = time.time()
     model, tokenizer = load_model_and_tokenizer(cfg["model"], dtype=getattr(torch, cfg["dtype"]))
@@ -141,7 +158,8 @@ def quantize(cfg: dict, model: nn.Module, say: Say = print) -> Tuned:
                              tune_layers=cfg.get("tune_layers", 1), tune_linears=linears,
                              adapter_placement=cfg.get("adapter_placement", "pfeiffer"),
                              adapter_reduction=cfg.get("adapter_reduction", 16),
-                             adapter_activation=cfg.get("adapter_activation", "relu"))
+                             adapter_activation=cfg.get("adapter_activation", "relu"),
+                             adapter_layers=cfg.get("adapter_layers", 0))
     n_total = trainable_count(model)[1]
     report, quzo_layers = None, None
     if quant != "none":
@@ -175,9 +193,11 @@ def describe(cfg: dict, loaded: Loaded, tuned: Tuned) -> str:
 def cache(cfg: dict, model: nn.Module, say: Say = print):
     """With --cache-trunk auto, attach model.zo_trunk_cache: --tune final-norm caches the decoder states
     before the final norm (FrozenTrunkCache); --tune last-layers the input states of the first tuned layer
-    (LayerInputCache), unless layer 0 is tuned. Every other mode has trainable weights in (or before) the
-    first decoder block (norms, lora, all; adapters sit in every block), so nothing before them is frozen and
-    the run goes without a cache. Returns the cache, or None."""
+    (LayerInputCache), unless layer 0 is tuned; --tune adapters with --adapter-layers N those of the first
+    block with an adapter. Every other mode has trainable weights in (or before) the first decoder block
+    (norms, lora, all; adapters in every block), so nothing before them is frozen and the run goes without a
+    cache. Returns the cache, or None."""
+    from ..adapters import first_adapted_block
     from .scoring import FrozenTrunkCache, LayerInputCache
     from .tuning import last_layers
 
@@ -187,7 +207,8 @@ def cache(cfg: dict, model: nn.Module, say: Say = print):
         model.zo_trunk_cache = FrozenTrunkCache(model)
         say("frozen trunk: decoder states are computed once per example (only the final norm is tuned)")
         return model.zo_trunk_cache
-    first = last_layers(model, cfg["tune_layers"])[0] if cfg["tune"] == "last-layers" else 0
+    first = {"last-layers": lambda: last_layers(model, cfg["tune_layers"])[0],
+             "adapters": lambda: first_adapted_block(model)}.get(cfg["tune"], lambda: 0)()
     if not first:
         return None
     model.zo_trunk_cache = LayerInputCache(model, first)
@@ -276,6 +297,7 @@ class Trained:
     test: Accuracy
     mcnemar: dict = field(default_factory=dict)  # "vs_zero_shot" (and "vs_zo" for the baseline): hf.stats.mcnemar
     log: Any = None           # the ZO optimizer's fine-tune log (ZOSGD's FineTuneLog or QuZO's QuZOLog)
+    tapt: Any = None          # the first-order baseline's TAPT stage (Tapt), with --tapt-steps
 
 
 class _ListDataset:
@@ -417,15 +439,96 @@ def save(cfg: dict, tuned: Tuned, tokenizer, log, say: Say = print) -> str:
     return log_file
 
 
+# ----------------------------------------------------------------------------- tapt
+@dataclass
+class Tapt:
+    """tapt(): the TAPT stage — held-out LM loss / perplexity of the dev texts before and after (hf.tapt.
+    heldout_lm_loss), the accuracy after TAPT (before fine-tuning), curves ('loss', 'heldout_loss')."""
+    steps: int
+    lr: float
+    eps: float | None             # None: first-order
+    texts: int
+    before: dict | None
+    after: dict | None
+    seconds: float
+    curves: dict
+    accuracy: dict | None = None  # {'test': ..., 'dev': ...} after TAPT, before fine-tuning
+    log: Any = None
+
+    def as_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k != "log"}
+
+
+def tapt(cfg: dict, model: nn.Module, loaded: Loaded, progress, *, first_order: bool = False,
+         resume: bool = False, say: Say = print) -> Tapt:
+    """--tapt-steps N: N steps of causal-LM training (hf.tapt.CausalLMObjective) on splits['unlabeled'] with ZO
+    (lr --tapt-lr, eps --tapt-eps, perturbation seed hf.tapt.tapt_seed) or, first_order, AdamW (--tapt-fo-lr),
+    on the parameters --tune selects, in cfg['output_dir']/trainer_tapt(_fo). The ZO stage writes its log
+    (TAPT_LOG_FILE) and results (TAPT_FILE) at once; `resume` replays that log instead of training again."""
+    import zokernels
+
+    from .tapt import TAPT_FILE, TAPT_LOG_FILE, CausalLMObjective, TextLMCollator, heldout_lm_loss, tapt_seed
+    from .trainer import FOTrainer, ZOTrainer
+
+    out = cfg["output_dir"]
+    if resume:
+        with open(os.path.join(out, TAPT_FILE)) as fh:
+            saved = json.load(fh)
+        zokernels.replay(model, os.path.join(out, TAPT_LOG_FILE))
+        say(f"TAPT: the interrupted run's {saved['steps']} steps replayed from {TAPT_LOG_FILE}")
+        return Tapt(**saved)
+    name = "FO TAPT" if first_order else "TAPT"
+    collator, heldout = TextLMCollator(loaded.tokenizer, cfg["max_text_tokens"]), loaded.splits["unlabeled_dev"]
+    bar = None if cfg.get("no_progress") else f"{name}, held-out text"
+    before = heldout_lm_loss(model, collator, heldout, cfg["eval_batch_size"], progress=bar)
+    lr = cfg["tapt_fo_lr"] if first_order else cfg["tapt_lr"]
+    eval_on = bool(heldout) and cfg["eval_every"] > 0
+    args = training_args({**cfg, "max_steps": cfg["tapt_steps"], "save_steps": 0},
+                         os.path.join(out, "trainer_tapt_fo" if first_order else "trainer_tapt"), lr, eval_on)
+    kwargs = dict(model=model, args=args, train_dataset=_ListDataset(loaded.splits["unlabeled"]),
+                  eval_dataset=_ListDataset(heldout) if eval_on else None, data_collator=collator,
+                  objective=CausalLMObjective())
+    trainer = FOTrainer(**kwargs) if first_order else \
+        ZOTrainer(**kwargs, zo_eps=cfg["tapt_eps"], zo_n_queries=cfg["n_queries"], zo_seed=tapt_seed(cfg["seed"]),
+                  zo_probe=cfg["probe"], zo_method="zosgd")
+    seconds = _run_trainer(trainer, progress, say=say)
+    after = heldout_lm_loss(model, collator, heldout, cfg["eval_batch_size"], progress=bar)
+    acc = evaluate(model, loaded.collator, loaded.splits, cfg["eval_batch_size"], f"after {name}", dev=True,
+                   progress=not cfg.get("no_progress"))
+    history = trainer.state.log_history
+    curves = {"loss": curves_from_history(history)["loss"],
+              "heldout_loss": [(h["step"], h["eval_loss"]) for h in history if "eval_loss" in h]}
+    result = Tapt(trainer.state.global_step, lr, None if first_order else cfg["tapt_eps"],
+                  len(loaded.splits["unlabeled"]), before, after, seconds, curves,
+                  {"test": acc.test, "dev": acc.dev}, None if first_order else trainer.zo_optimizer.log)
+    ppl = (lambda r: "n/a" if r is None else f"{r['perplexity']:.2f}")
+    say(f"{name}: {result.steps} steps on {result.texts} unlabeled texts in {seconds:.0f}s; held-out perplexity "
+        f"{ppl(before)} -> {ppl(after)}; test accuracy after {name} {acc.test:.4f} (before fine-tuning)")
+    if not first_order:
+        result.log.save(os.path.join(out, TAPT_LOG_FILE))
+        with open(os.path.join(out, TAPT_FILE), "w") as fh:
+            json.dump(result.as_dict(), fh, indent=1)
+    return result
+
+
 # ----------------------------------------------------------------------------- baseline
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters: baseline() starts from them (taken before ZO training)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
 
 
+def restore(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
+    """Copy trainable_state() values back into the model's parameters of those names."""
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in state:
+                p.copy_(state[n])
+
+
 def baseline(cfg: dict, model: nn.Module, loaded: Loaded, start: dict[str, torch.Tensor], zero_shot: Accuracy,
-             zo: Trained, progress, say: Say = print) -> Trained:
-    """--baseline fo: the trainable parameters reset to `start`, first-order AdamW (lr cfg['fo_lr'], the ZO
+             zo: Trained, progress, say: Say = print, tapt_progress=None) -> Trained:
+    """--baseline fo: the trainable parameters reset to `start`, with --tapt-steps a first-order TAPT stage
+    (tapt(first_order=True), its results in Trained.tapt), then first-order AdamW (lr cfg['fo_lr'], the ZO
     objective, cross-entropy for --objective accuracy) on the same data in cfg['output_dir']/trainer_fo; then
     the test accuracy vs `zero_shot` and vs the ZO model's (`zo`)."""
     from transformers import set_seed
@@ -434,11 +537,10 @@ def baseline(cfg: dict, model: nn.Module, loaded: Loaded, start: dict[str, torch
     from .stats import mcnemar
     from .trainer import FOTrainer
 
-    with torch.no_grad():
-        for n, p in model.named_parameters():
-            if n in start:
-                p.copy_(start[n])
+    restore(model, start)
     set_seed(cfg["seed"])
+    fo_tapt = tapt(cfg, model, loaded, tapt_progress or progress, first_order=True, say=say) \
+        if cfg.get("tapt_steps") else None
     trainer = FOTrainer(model=model, **_trainer_kwargs(cfg, loaded, os.path.join(cfg["output_dir"], "trainer_fo"),
                                                        cfg["fo_lr"]),
                         objective=VerbalizerObjective("ce" if cfg["objective"] == "accuracy" else cfg["objective"]))
@@ -448,7 +550,7 @@ def baseline(cfg: dict, model: nn.Module, loaded: Loaded, start: dict[str, torch
     say(f"FO AdamW baseline: test accuracy {test.test:.4f} ({seconds:.0f}s training)")
     return Trained(trainer.state.global_step, curves_from_history(trainer.state.log_history), seconds, test,
                    {"vs_zero_shot": mcnemar(zero_shot.test_correct, test.test_correct),
-                    "vs_zo": mcnemar(zo.test.test_correct, test.test_correct)})
+                    "vs_zo": mcnemar(zo.test.test_correct, test.test_correct)}, tapt=fo_tapt)
 
 
 # ----------------------------------------------------------------------------- report
@@ -464,6 +566,7 @@ class RunState:
     peak_memory_mib: float  # of the ZO part (training, evaluation, saving), before --baseline fo trains
     fo: Trained | None = None
     started: float = 0.0    # time.time() at the start of the run
+    tapt: Tapt | None = None  # the ZO TAPT stage, with --tapt-steps
 
 
 def metrics(state: RunState) -> dict:
@@ -491,9 +594,12 @@ def metrics(state: RunState) -> dict:
                       "matmul": cfg["quant_matmul"], "layers": len(r.layers), "linear_bytes_before": r.bytes_before,
                       "linear_bytes_after": r.bytes_after, "model_bytes_before": r.model_bytes_before,
                       "model_bytes_after": r.model_bytes_after, "quzo_layers": tuned.quzo_layers}
+    if state.tapt is not None:
+        m["tapt"] = state.tapt.as_dict()
+        m["seconds"]["tapt"] = state.tapt.seconds
     if state.fo is not None:
         fo = state.fo
-        m["fo"] = {"test_accuracy": fo.test.test, "gain_points": 100 * (fo.test.test - zs.test),
+        m["fo"] = {"tapt": fo.tapt.as_dict() if fo.tapt is not None else None,"test_accuracy": fo.test.test, "gain_points": 100 * (fo.test.test - zs.test),
                    "mcnemar_vs_zero_shot": fo.mcnemar["vs_zero_shot"], "mcnemar_vs_zo": fo.mcnemar["vs_zo"],
                    "lr": cfg["fo_lr"], "train_seconds": fo.seconds, "dev_accuracy": fo.curves["dev_accuracy"],
                    "train_loss": fo.curves["loss"]}
@@ -505,12 +611,15 @@ def report(state: RunState, say: Say = print) -> dict:
     out = state.cfg["output_dir"]
     m = metrics(state)
     curves, final = {"ZO": state.zo.curves}, {"ZO": state.zo.test.test}
+    tapt_curves = {"ZO": state.tapt.curves} if state.tapt is not None else {}
     if state.fo is not None:
         curves["FO"], final["FO"] = state.fo.curves, state.fo.test.test
+        if state.fo.tapt is not None:
+            tapt_curves["FO"] = state.fo.tapt.curves
     plot = "training_curves.png, "
     try:
         write_plot(os.path.join(out, "training_curves.png"), curves,
-                   {"dev": state.zero_shot.dev, "test": state.zero_shot.test}, final)
+                   {"dev": state.zero_shot.dev, "test": state.zero_shot.test}, final, tapt_curves or None)
     except ImportError as e:  # the plot is best effort: metrics.json holds every curve it draws
         say(f"plot skipped: matplotlib missing ({e})")
         plot = ""
@@ -566,13 +675,25 @@ def make_progress_callback(device: str, desc: str, enabled: bool):
     return ProgressBar()
 
 
-def write_plot(path: str, curves: dict, zero_shot: dict, final: dict) -> None:
+def write_plot(path: str, curves: dict, zero_shot: dict, final: dict, tapt: dict | None = None) -> None:
+    """Fine-tuning loss and dev accuracy per step (curves: {name: curves_from_history}); with `tapt` ({name:
+    Tapt.curves}) a first panel of the TAPT stage's train and held-out LM loss."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, axes = plt.subplots(1, 3 if tapt else 2, figsize=(16 if tapt else 11, 4))
+    ax_loss, ax_acc = axes[-2:]
+    if tapt:
+        for name, c in tapt.items():
+            if c["loss"]:
+                axes[0].plot(*zip(*c["loss"]), label=f"{name} TAPT train LM loss", lw=1)
+            if c["heldout_loss"]:
+                axes[0].plot(*zip(*c["heldout_loss"]), marker="o", label=f"{name} TAPT held-out LM loss")
+        axes[0].set_xlabel("TAPT step"), axes[0].set_ylabel("LM loss (nats/token)")
+        if axes[0].get_legend_handles_labels()[0]:
+            axes[0].legend(fontsize=8)
     for name, c in curves.items():
         if c["loss"]:
             ax_loss.plot(*zip(*c["loss"]), label=f"{name} train loss", lw=1)

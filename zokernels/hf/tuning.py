@@ -15,6 +15,7 @@ TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora", "adapters")
 QUANT_FORMATS = ("int8", "int4", "fp8")
 QUZO_MODES = ("all", "last-layers")   # with --quant these train QuantLinear weights with QuZO
 LOG_FILE = "finetune_log.npz"             # the fine-tune log of every optimizer (zokernels.log format)
+TAPT_LOG_FILE = "tapt_log.npz"            # the log of the TAPT stage (--tapt-steps), replayed before LOG_FILE
 LEGACY_QUZO_LOG_FILE = "quzo_log.json"    # where QuZO runs up to this format's version 2 wrote their log
 DEFAULT_LORA_TARGETS = ("q_proj", "v_proj")
 
@@ -63,16 +64,17 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
                      lora_targets: tuple[str, ...] = DEFAULT_LORA_TARGETS, seed: int = 0,
                      tune_layers: int = 1, tune_linears: tuple[str, ...] | None = None,
                      adapter_placement: str = "pfeiffer", adapter_reduction: int = 16,
-                     adapter_activation: str = "relu") -> nn.Module:
+                     adapter_activation: str = "relu", adapter_layers: int = 0) -> nn.Module:
     """Set requires_grad for `mode` and return the model to train (a PeftModel for 'lora', whose adapter
     init is seeded so that the same seed gives the same starting weights). 'last-layers': every
     parameter of the last `tune_layers` decoder layers, or only those of the modules named in
     `tune_linears` (last name segments, e.g. ('down_proj',)). 'adapters': bottleneck adapters
-    (zokernels.adapters.add_adapters) inserted into the model, only their parameters trainable."""
+    (zokernels.adapters.add_adapters) inserted into the model (the last `adapter_layers` blocks; 0: all), only
+    their parameters trainable."""
     if mode not in TUNE_MODES:
         raise ZOError(f"--tune must be one of {', '.join(TUNE_MODES)}, got {mode!r}")
     if mode == "adapters":
-        return _add_adapters(model, adapter_placement, adapter_reduction, adapter_activation, seed)
+        return _add_adapters(model, adapter_placement, adapter_reduction, adapter_activation, seed, adapter_layers)
     if mode == "all":
         for p in model.parameters():
             p.requires_grad_(True)
@@ -113,14 +115,17 @@ def select_trainable(model: nn.Module, mode: str, *, lora_r: int = 8, lora_alpha
     return peft_model
 
 
-def _add_adapters(model: nn.Module, placement: str, reduction: int, activation: str, seed: int) -> nn.Module:
-    """add_adapters, then every adapter's initial weights drawn on the CPU from `seed` (in module order) and
+def _add_adapters(model: nn.Module, placement: str, reduction: int, activation: str, seed: int,
+                  layers: int = 0) -> nn.Module:
+    """add_adapters (in the last `layers` blocks, every block if there are fewer; 0: every block), then every
+    adapter's initial weights drawn on the CPU from `seed` (in module order) and
     copied in: the starting weights depend on the seed only, not on the device's generator nor on what used the
     global RNG before, so rebuild_model (on the CPU) reproduces them bitwise. The global RNG is left as it was."""
-    from ..adapters import AdapterError, BottleneckAdapter, add_adapters
+    from ..adapters import AdapterError, BottleneckAdapter, add_adapters, block_count
 
     try:
-        names = add_adapters(model, placement, reduction, activation)
+        layers = min(layers, block_count(model))  # --adapter-layers N: all blocks when there are fewer
+        names = add_adapters(model, placement, reduction, activation, layers=layers)
     except AdapterError as e:
         raise ZOError(f"--tune adapters: {e}") from None
     c = model.zo_adapter_config
@@ -207,7 +212,7 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
     finetune_log.npz holds the steps, or quzo_log.json in QuZO runs written before the one log format). --quant
     runs: the model is quantized the same way (round to nearest is deterministic) and the log replayed, bitwise.
     --tune adapters: the adapters are added again (same configuration and seed, hence the same starting
-    weights) before the log is replayed."""
+    weights) before the log is replayed. --tapt-steps: the TAPT stage's log (tapt_log.npz) is replayed first."""
     import zokernels
 
     from .data import load_model_and_tokenizer
@@ -224,12 +229,15 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
                              tune_layers=cfg.get("tune_layers", 1), tune_linears=linears,
                              adapter_placement=cfg.get("adapter_placement", "pfeiffer"),
                              adapter_reduction=cfg.get("adapter_reduction", 16),
-                             adapter_activation=cfg.get("adapter_activation", "relu"))
+                             adapter_activation=cfg.get("adapter_activation", "relu"),
+                             adapter_layers=cfg.get("adapter_layers", 0))
     quzo_layers = None
     if cfg.get("quant", "none") != "none":
         _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
                                              matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1),
                                              tune_linears=linears)
+    if cfg.get("tapt_steps"):  # the TAPT stage's steps come first; fine-tuning started from its weights
+        zokernels.replay(model, os.path.join(output_dir, TAPT_LOG_FILE))
     log = os.path.join(output_dir, LOG_FILE)
     legacy = os.path.join(output_dir, LEGACY_QUZO_LOG_FILE)
     zokernels.replay(model, legacy if quzo_layers is not None and not os.path.exists(log) else log)
