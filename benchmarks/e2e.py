@@ -1,5 +1,6 @@
 """End to end: one ZO step (2 forwards + perturbation/update) on randomly initialized HuggingFace
-models (bf16), ours vs the MeZO baseline, plus a first-order AdamW step and peak memory.
+models (bf16), ours vs the MeZO baseline, plus a first-order AdamW step and peak memory; on the
+LLaMA-7B-shaped model also Pfeiffer adapters r=16 (forward with vs without, a ZO step over the adapters).
 
 outside-forward time = step time - 2 x (one no_grad forward with loss, timed alone);
 its share is reported relative to the two forwards. Peak memory: torch.cuda.max_memory_allocated
@@ -9,6 +10,7 @@ Transformers is imported here only (lazily): the suite's micro part does not nee
 from __future__ import annotations
 
 import gc
+from typing import Callable
 
 import torch
 
@@ -21,6 +23,10 @@ from .record import Results
 from .timing import peak_bytes, peak_reset, time_adaptive
 
 DTYPE = torch.bfloat16
+# the adapter case: Pfeiffer bottleneck adapters on the LLaMA-7B-shaped model (HF LlamaForCausalLM, model_type
+# "llama", which zokernels.adapters knows), after its other cases
+ADAPTER_MODELS = ("llama-7b",)
+ADAPTER_PLACEMENT, ADAPTER_REDUCTION = "pfeiffer", 16
 
 
 def model_config(name: str, cfg: Config):
@@ -200,8 +206,70 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
         first_order(cfg, res, model, closure, base)
     else:
         res.skip(f"e2e {name} first-order AdamW", "time budget used up (--time-budget)")
+    if name in ADAPTER_MODELS:  # last: the adapters stay in the model
+        if cfg.seconds_left() <= 0:
+            res.skip(f"e2e {name} adapters", "time budget used up (--time-budget)")
+        else:
+            try:
+                adapter_case(cfg, res, name, model, base, forward, closure, measure)
+            except Exception as e:  # noqa: BLE001
+                res.error(f"e2e {name} adapters", e)
     del model, params
     peak_reset(dev)
+
+
+def adapter_case(cfg: Config, res: Results, name: str, model: torch.nn.Module, base: dict,
+                 forward: Callable[[], torch.Tensor], closure: Callable[[], torch.Tensor],
+                 measure: Callable[..., dict | None]) -> None:
+    """Pfeiffer bottleneck adapters (zokernels.adapters, r = ADAPTER_REDUCTION, one after each block's MLP) on
+    the model: (i) the forward (no_grad, with loss) timed just before and just after adding them (record
+    `forward_ratio` = with / without); (ii) one ZOSGD step per probe over the adapter parameters only (the
+    base is frozen), with its peak memory. An adapter adds 2*2*d*(d/r) matmul flops per token (recorded with
+    the base's linear-layer flops, 2 x their weights) and holds 2 d (d/r) + d + d/r parameters; the step's
+    perturbation/update passes touch those only (2 bytes each in bf16)."""
+    from zokernels.adapters import add_adapters
+
+    before = measure("inference forward (adapter case, without adapters)", forward)
+    linear_flops = 2 * sum(m.weight.numel() for m in model.modules() if isinstance(m, torch.nn.Linear))
+    names = add_adapters(model, ADAPTER_PLACEMENT, ADAPTER_REDUCTION)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    d = model.config.hidden_size
+    info = {"adapters": {"placement": ADAPTER_PLACEMENT, "reduction": ADAPTER_REDUCTION, "count": len(names),
+                         "params": sum(p.numel() for p in trained),
+                         "param_bytes": sum(p.numel() * p.element_size() for p in trained),
+                         "added_flops_per_token": len(names) * 4 * d * (d // ADAPTER_REDUCTION),
+                         "base_linear_flops_per_token": linear_flops}}
+    label = f"{ADAPTER_PLACEMENT} adapters r={ADAPTER_REDUCTION}"
+    after = measure(f"inference forward + {label}", forward)
+    if before is None or after is None:
+        res.skip(f"e2e {name} adapters", "a forward of the adapter case failed or ran out of time (see memory/errors)")
+        return
+    res.add("e2e", {**base, **info, "impl": f"forward + {label} (no_grad, with loss)", "backend": "torch", **after,
+                    "base_forward_ms": before["median_ms"], "forward_ratio": after["median_ms"] / before["median_ms"]})
+    two_fwd = 2 * after["median_ms"]
+    zosgd, why = _zosgd_class()
+    backend = ops.backend_name("zo_update_", cfg.device)
+    for probe in cfg.zosgd_probes:
+        impl = f"ZOSGD, {label} only"
+        if zosgd is None:
+            res.skip(f"e2e {name} {impl} probe={probe}", why)
+            continue
+        try:
+            opt = zosgd(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=1, probe=probe,
+                        backend="auto")
+        except Exception as e:  # noqa: BLE001
+            res.error(f"e2e {name} {impl} probe={probe}", e)
+            continue
+        with torch.no_grad():
+            stats = measure(f"ZO step {impl} probe={probe}", lambda: opt.step(closure))
+        del opt
+        if stats:
+            outside = stats["median_ms"] - two_fwd
+            res.add("e2e", {**base, **info, "impl": impl, "probe": probe, "backend": backend, **stats,
+                            "forward_ms": after["median_ms"], "outside_forward_ms": outside,
+                            "outside_share_pct": 100 * outside / two_fwd,
+                            "inference_peak_bytes": after["peak_bytes"]})
+        peak_reset(cfg.device)
 
 
 def first_order(cfg: Config, res: Results, model: torch.nn.Module, closure, base: dict) -> None:

@@ -173,6 +173,15 @@ def to_markdown(data: dict) -> str:
                          r.get("outside_forward_ms"), r.get("outside_share_pct"),
                          "OOM" if r.get("oom") else _gib(r.get("peak_bytes")), _speedup(data["e2e"], r)]
                         for r in data["e2e"]]), ""]
+    adapters = [r for r in data.get("e2e", []) if r.get("adapters")]
+    if adapters:
+        out += ["### Adapters (benchmarks/e2e.py adapter_case; trainable: the adapters only)", "",
+                _table(["model", "impl", "probe", "adapters", "trainable params", "median ms", "forward ratio "
+                        "(with / without)", "outside % of 2 fwd", "peak GiB"],
+                       [[r["model"], r["impl"], r.get("probe"),
+                         f"{r['adapters']['count']} x {r['adapters']['placement']} r={r['adapters']['reduction']}",
+                         r["adapters"]["params"], r.get("median_ms"), r.get("forward_ratio"),
+                         r.get("outside_share_pct"), _gib(r.get("peak_bytes"))] for r in adapters]), ""]
     if data.get("memory"):
         out += ["## Peak GPU memory (torch.cuda.max_memory_allocated after reset)", "",
                 _table(["model", "what", "peak GiB", "OOM", "note"],
