@@ -143,6 +143,8 @@ def main(argv=None) -> None:
         with open(args.render) as fh:
             data = json.load(fh)
         text = render(data)
+        with open(os.path.join(os.path.dirname(args.render), "results.md"), "w") as fh:
+            fh.write(text)
         plot(data, os.path.join(os.path.dirname(args.render), "adapters_tapt.png"))
         if args.update_doc:
             update_doc(args.update_doc, text, args.render)
@@ -179,7 +181,10 @@ def main(argv=None) -> None:
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1)
-    print(render(data))
+    text = render(data)
+    with open(os.path.join(args.out, "results.md"), "w") as fh:
+        fh.write(text)
+    print(text)
     plot(data, os.path.join(args.out, "adapters_tapt.png"))
     print(f"wrote {path} ({data['total_seconds'] / 60:.1f} min)")
 

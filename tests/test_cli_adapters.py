@@ -104,7 +104,7 @@ def test_save_model_yes_writes_loadable_adapters_and_fo_baseline(capsys, tmp_pat
     load_adapters(fresh, out / "model" / "adapters.safetensors")
     assert all(torch.equal(p, kept["zo"][n]) for n, p in fresh.named_parameters())
     m = json.loads((out / "metrics.json").read_text())
-    assert m["fo"]["lr"] == 1e-4 and 0 <= m["fo"]["test_accuracy"] <= 1   # LoRA's fo_lr, the adapters' default
+    assert m["fo"]["lr"] == 1e-3 and 0 <= m["fo"]["test_accuracy"] <= 1   # the adapters' default fo_lr
     names = adapter_names(kept["model"])
     base = dict(base_model(tiny).named_parameters())
     after_fo = dict(kept["model"].named_parameters())
@@ -166,7 +166,7 @@ def test_reduction_beyond_the_hidden_size_is_one_error_line(capsys, tmp_path, ti
     assert code == 2 and errors == ["error: --tune adapters: reduction 64 leaves no bottleneck for hidden size 32"]
 
 
-def test_defaults_are_loras_and_only_adapter_runs_record_adapter_options():
+def test_measured_defaults_and_only_adapter_runs_record_adapter_options():
     from zokernels.cli import build_parser, resolve_config
 
     def resolved(*extra):
@@ -174,8 +174,8 @@ def test_defaults_are_loras_and_only_adapter_runs_record_adapter_options():
         return resolve_config(parser.parse_args(["--device", "cpu", *extra]), parser)
 
     adapters, lora = resolved("--tune", "adapters"), resolved("--tune", "lora")
-    assert {k: adapters[k] for k in ("lr", "eps", "fo_lr")} == {k: lora[k] for k in ("lr", "eps", "fo_lr")} == \
-        {"lr": 1e-4, "eps": 1e-2, "fo_lr": 1e-4}
+    assert {k: adapters[k] for k in ("lr", "eps", "fo_lr")} == {"lr": 3e-3, "eps": 1e-2, "fo_lr": 1e-3}  # dev search
+    assert adapters["adapter_layers"] == 4 and "tapt_lr" not in adapters   # CPU; TAPT keys only with --tapt-steps
     assert not any(k.startswith("adapter_") for k in lora)
 
 

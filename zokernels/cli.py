@@ -63,12 +63,14 @@ QUZO_MODES = ("all", "last-layers")
 # (--smoke --tune lora at lr 0.2: test accuracy 0.875 -> 0.375 in 2 steps).
 #   final-norm: measured on CPU (see CPU_DEFAULTS); all / last-layers: MeZO's full-parameter lr 1e-6, eps 1e-3
 #   (its first-order FT lr 1e-5); lora: MeZO's LoRA lr 1e-4, eps 1e-2 (first-order 1e-4); norms (35k weights on
-#   the default model): NOT tuned, final-norm's lr scaled by 576 / 35k weights; adapters: NOT measured, LoRA's
-#   values reused (both are small modules added to a frozen model, ~1e5-1e6 weights on the default model).
+#   the default model): NOT tuned, final-norm's lr scaled by 576 / 35k weights; adapters: measured on the dev
+#   split (results/adapters-tapt-cpu/lr-search/: Pfeiffer r=16 in the last 4 blocks, 168K weights, 200 steps x 16):
+#   ZO lr 1e-4 / 1e-3 / 3e-3 / 1e-2 / 1e-1 -> dev 0.656 / 0.664 / 0.666 / 0.564 / 0.532 (zero-shot 0.658: 1e-2
+#   diverges), AdamW lr 1e-4 / 3e-4 / 1e-3 / 1e-2 -> 0.710 / 0.742 / 0.786 / 0.742; eps 1e-2 is LoRA's, not searched.
 TUNE_DEFAULTS = {"final-norm": dict(lr=0.2, eps=1e-3, fo_lr=1e-2),
                  "norms": dict(lr=3e-3, eps=1e-3, fo_lr=1e-3),
                  "lora": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
-                 "adapters": dict(lr=1e-4, eps=1e-2, fo_lr=1e-4),
+                 "adapters": dict(lr=3e-3, eps=1e-2, fo_lr=1e-3),
                  "last-layers": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5),
                  "all": dict(lr=1e-6, eps=1e-3, fo_lr=1e-5)}
 # What a run writes into --output-dir (an earlier run's are refused without --overwrite and removed with it).
@@ -180,10 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "train_as_classification); lm = full-vocabulary NLL of the label word; "
                         "accuracy = 1 - batch accuracy")
     t.add_argument("--lr", type=float, help="ZO learning rate (default per --tune: final-norm 0.2, norms 3e-3, "
-                   "lora 1e-4, last-layers / all 1e-6, adapters 1e-4 = LoRA's, not measured for adapters; QuZO on "
+                   "lora 1e-4, last-layers / all 1e-6, adapters 3e-3 (measured on dev); QuZO on "
                    "CPU 1e-3)")
     t.add_argument("--eps", type=float, help="perturbation scale (default 1e-3; lora and adapters 1e-2, for "
-                   "adapters LoRA's value, not measured)")
+                   "adapters LoRA's value, not searched)")
     t.add_argument("--max-steps", type=int, help="ZO steps (default: CPU 2000, QuZO on CPU 100, GPU 20000)")
     t.add_argument("--batch-size", type=int)
     t.add_argument("--grad-accum", type=int, default=1, help="micro-batches per ZO step (same z for all)")
@@ -200,7 +202,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--baseline", choices=("none", "fo"), default="none",
                    help="fo: also fine-tune the same parameters with first-order AdamW on the same data")
     t.add_argument("--fo-lr", type=float, help="AdamW learning rate of --baseline fo (default per --tune: "
-                   "final-norm 1e-2, norms 1e-3, lora 1e-4, adapters 1e-4 (LoRA's, not measured), last-layers / "
+                   "final-norm 1e-2, norms 1e-3, lora 1e-4, adapters 1e-3 (measured on dev), last-layers / "
                    "all 1e-5)")
     o = p.add_argument_group("output")
     o.add_argument("--output-dir", default="zo-finetune-out", help="where results go (default: %(default)s)")
