@@ -284,14 +284,27 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--note", default="", help="a sentence stored in the JSON and printed in the Markdown")
     ap.add_argument("--quick", action="store_true", help="batch 4, 2 rounds: a test run")
     ap.add_argument("--md-only", action="store_true", help="rewrite the .md from the .json in --out and exit")
+    ap.add_argument("--update-doc", help="with --md-only: also put the tables into this doc's adapter-speed block")
     return ap.parse_args(argv)
+
+
+DOC_START, DOC_END = "<!-- adapter-speed table -->", "<!-- /adapter-speed table -->"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv)
     if args.md_only:
-        print(write_md(args.out))
+        path = write_md(args.out)
+        with open(path) as f:
+            text = f.read()
+        if args.update_doc:
+            from zokernels.hf.summary import replace_block
+
+            body = text.split("\n", 1)[1].lstrip("\n").replace("\n### ", "\n#### ")  # under the doc's own heading
+            replace_block(args.update_doc, DOC_START, DOC_END, body,
+                          f"python -m benchmarks.adapter_speed --md-only --out {args.out} --update-doc {args.update_doc}")
+        print(path)
         return 0
     batch = args.batch or (4 if args.quick else 16)
     repeats = args.repeats or (2 if args.quick else 10)
