@@ -20,7 +20,10 @@ perplexity of dev texts before / after TAPT, trainable parameters, wall time. Le
     python examples/adapters_tapt.py --render results/adapters-tapt-cpu/results.json --update-doc docs/adapters.md
     python examples/adapters_tapt.py --quick --out /tmp/at                                # smoke: 2 steps per stage
 
-GPU (every block, bfloat16, MeZO's schedule): add `--device cuda --finetune-args "--adapter-layers 0"`.
+On a GPU the finetune defaults are the GPU's (bfloat16, adapters in every block): e.g.
+    python examples/adapters_tapt.py --out results/adapters-tapt-gpu --max-steps 5000 --tapt-steps 2000
+and full-weight TAPT (ZO, and AdamW with --baseline fo) then fine-tuning:
+    python -m zokernels finetune --tune all --tapt-steps 2000 --baseline fo --output-dir runs/full-tapt
 """
 from __future__ import annotations
 
