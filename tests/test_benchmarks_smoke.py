@@ -330,7 +330,8 @@ def test_gpu_session_budget_arithmetic(tmp_path, monkeypatch):
     assert "of cap 60 s" in rows["report"] and "of cap 170 s" in rows["tests"]
 
     proc, rows = _gpu_session(tmp_path / "short", str(stub), 40, "env build sanitizer")
-    assert "of cap 25 s" in rows["report"], rows  # 40 s budget - 15 s reserve
+    cap = int(rows["report"].split("of cap ")[1].split()[0])
+    assert 22 <= cap <= 25, rows  # 40 s budget - 15 s reserve - the seconds the stages before it took (a loaded CI)
     assert rows["bench"].startswith("bench | not run") and proc.returncode == 1, rows
     (tmp_path / "calls.txt").unlink()
     proc, rows = _gpu_session(tmp_path / "with-sanitizer", str(stub), 300, "env build")  # 90 s more kept back
