@@ -180,27 +180,8 @@ def run_model(cfg: Config, res: Results, name: str) -> None:
             zo_record("ours-ops", "inplace", backend, stats)
         del ours
 
-    zosgd, why = _zosgd_class()
-    for probe in cfg.zosgd_probes:
-        impl = f"ZOSGD probe={probe}"
-        if zosgd is None:
-            res.skip(f"e2e {name} {impl}", why)
-            continue
-        try:
-            opt = zosgd(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=1, probe=probe,
-                        backend="auto")
-        except Exception as e:  # noqa: BLE001
-            res.skip(f"e2e {name} {impl}", f"construction failed: {type(e).__name__}: {e}")
-            continue
-        try:
-            with torch.no_grad():
-                stats = measure(f"ZO step {impl}", lambda: opt.step(closure))
-            if stats:
-                zo_record("ZOSGD", probe, backend, stats)
-        except Exception as e:  # noqa: BLE001
-            res.error(f"e2e {name} {impl}", e)
-        del opt
-        peak_reset(dev)
+    time_zosgd_probes(cfg, res, name, model, closure, measure, lambda probe: f"ZOSGD probe={probe}",
+                      lambda probe, stats: zo_record("ZOSGD", probe, backend, stats))
 
     if cfg.seconds_left() > 0:
         first_order(cfg, res, model, closure, base)
@@ -247,28 +228,44 @@ def adapter_case(cfg: Config, res: Results, name: str, model: torch.nn.Module, b
     res.add("e2e", {**base, **info, "impl": f"forward + {label} (no_grad, with loss)", "backend": "torch", **after,
                     "base_forward_ms": before["median_ms"], "forward_ratio": after["median_ms"] / before["median_ms"]})
     two_fwd = 2 * after["median_ms"]
-    zosgd, why = _zosgd_class()
     backend = ops.backend_name("zo_update_", cfg.device)
+    impl = f"ZOSGD, {label} only"
+
+    def record(probe: str, stats: dict) -> None:
+        outside = stats["median_ms"] - two_fwd
+        res.add("e2e", {**base, **info, "impl": impl, "probe": probe, "backend": backend, **stats,
+                        "forward_ms": after["median_ms"], "outside_forward_ms": outside,
+                        "outside_share_pct": 100 * outside / two_fwd, "inference_peak_bytes": after["peak_bytes"]})
+
+    time_zosgd_probes(cfg, res, name, model, closure, measure, lambda probe: f"{impl} probe={probe}", record)
+
+
+def time_zosgd_probes(cfg: Config, res: Results, name: str, model: torch.nn.Module, closure: Callable[[], torch.Tensor],
+                      measure: Callable[..., dict | None], what: Callable[[str], str],
+                      record: Callable[[str, dict], None]) -> None:
+    """One ZOSGD step per probe of cfg.zosgd_probes over the model's trainable parameters, timed by `measure` as
+    "ZO step <what(probe)>" and handed to record(probe, stats); no ZOSGD class, a failed construction or step:
+    a skip or error result instead."""
+    zosgd, why = _zosgd_class()
     for probe in cfg.zosgd_probes:
-        impl = f"ZOSGD, {label} only"
+        label = what(probe)
         if zosgd is None:
-            res.skip(f"e2e {name} {impl} probe={probe}", why)
+            res.skip(f"e2e {name} {label}", why)
             continue
         try:
             opt = zosgd(model, lr=cfg.lr, eps=cfg.eps, weight_decay=cfg.weight_decay, n_queries=1, probe=probe,
                         backend="auto")
         except Exception as e:  # noqa: BLE001
-            res.error(f"e2e {name} {impl} probe={probe}", e)
+            res.skip(f"e2e {name} {label}", f"construction failed: {type(e).__name__}: {e}")
             continue
-        with torch.no_grad():
-            stats = measure(f"ZO step {impl} probe={probe}", lambda: opt.step(closure))
+        try:
+            with torch.no_grad():
+                stats = measure(f"ZO step {label}", lambda: opt.step(closure))
+            if stats:
+                record(probe, stats)
+        except Exception as e:  # noqa: BLE001
+            res.error(f"e2e {name} {label}", e)
         del opt
-        if stats:
-            outside = stats["median_ms"] - two_fwd
-            res.add("e2e", {**base, **info, "impl": impl, "probe": probe, "backend": backend, **stats,
-                            "forward_ms": after["median_ms"], "outside_forward_ms": outside,
-                            "outside_share_pct": 100 * outside / two_fwd,
-                            "inference_peak_bytes": after["peak_bytes"]})
         peak_reset(cfg.device)
 
 
