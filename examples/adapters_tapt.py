@@ -17,7 +17,8 @@ perplexity of dev texts before / after TAPT, trainable parameters, wall time. Le
 
     python examples/adapters_tapt.py --out results/adapters-tapt-cpu                    # the CPU experiment
     python examples/adapters_tapt.py --search ft --out results/adapters-tapt-cpu/lr-search   # dev-only lr search
-    python examples/adapters_tapt.py --render results/adapters-tapt-cpu/results.json --update-doc docs/adapters.md
+    python examples/adapters_tapt.py --render results/adapters-tapt-cpu/results.json --update-doc docs/adapters.md \
+        --update-doc README.md
     python examples/adapters_tapt.py --quick --out /tmp/at                                # smoke: 2 steps per stage
 
 On a GPU the finetune defaults are the GPU's (bfloat16, adapters in every block): e.g.
@@ -60,7 +61,8 @@ def parse_args(argv):
     ap.add_argument("--fo-lrs", default="", help="--search: the AdamW learning rates tried, one per --lrs value")
     ap.add_argument("--quick", action="store_true", help="2 steps per stage, 16 examples: a smoke run")
     ap.add_argument("--render", help="results.json to print as markdown (and plot next to it)")
-    ap.add_argument("--update-doc", help="with --render: the doc whose generated table block to replace")
+    ap.add_argument("--update-doc", action="append", default=[],
+                    help="with --render: a doc whose generated table block to replace (repeatable)")
     return ap.parse_args(argv)
 
 
@@ -149,8 +151,8 @@ def main(argv=None) -> None:
         with open(os.path.join(os.path.dirname(args.render), "results.md"), "w") as fh:
             fh.write(text)
         plot(data, os.path.join(os.path.dirname(args.render), "adapters_tapt.png"))
-        if args.update_doc:
-            update_doc(args.update_doc, text, args.render)
+        for doc in args.update_doc:
+            update_doc(doc, text, args.render)
         print(text)
         return
     from zokernels.hf import pipeline as stages
