@@ -60,6 +60,8 @@ def parse_args(argv):
     ap.add_argument("--lrs", default="1e-4,1e-3,1e-2", help="--search: the ZO learning rates tried")
     ap.add_argument("--fo-lrs", default="", help="--search: the AdamW learning rates tried, one per --lrs value")
     ap.add_argument("--quick", action="store_true", help="2 steps per stage, 16 examples: a smoke run")
+    ap.add_argument("--collect", action="store_true",
+                    help="results.json from the finished arms' directories in --out (a stopped run)")
     ap.add_argument("--render", help="results.json to print as markdown (and plot next to it)")
     ap.add_argument("--update-doc", action="append", default=[],
                     help="with --render: a doc whose generated table block to replace (repeatable)")
@@ -155,8 +157,10 @@ def main(argv=None) -> None:
             update_doc(doc, text, args.render)
         print(text)
         return
+    if args.collect:
+        collect(args, argv)
+        return
     from zokernels.hf import pipeline as stages
-    from zokernels.hf.stats import mcnemar
 
     t0 = time.time()
     plan = arm_plan(args)
@@ -173,16 +177,25 @@ def main(argv=None) -> None:
         record, shared, zero_shot = run_arm(name, cfg, base, loaded, zero_shot, shared,
                                             args.search == "tapt")
         records.append(record)
+    finish(args, argv, records, {"test_accuracy": zero_shot.test, "dev_accuracy": zero_shot.dev},
+           len(loaded.splits["test"]), time.time() - t0)
+
+
+def finish(args, argv, records: list[dict], zero_shot: dict, n_test: int, seconds: float, note: str = "") -> None:
+    """McNemar of each arm vs the direct arm (ZO vs ZO, FO vs FO, where per-example results exist), then
+    results.json, results.md and the plot in --out."""
+    from zokernels.hf.stats import mcnemar
+
     direct = next((r for r in records if r["name"] == "direct"), None)
     for r in records:
         for kind in ("zo", "fo"):
-            if direct and r.get(kind) and direct.get(kind) and r is not direct:
+            if direct and r is not direct and (r.get(kind) or {}).get("test_correct") \
+                    and (direct.get(kind) or {}).get("test_correct"):
                 r[kind]["mcnemar_vs_direct"] = mcnemar(direct[kind]["test_correct"], r[kind]["test_correct"])
     data = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-            "search": args.search, "evaluated_on": "dev (search)" if args.search else "test",
-            "zero_shot": {"test_accuracy": zero_shot.test, "dev_accuracy": zero_shot.dev},
-            "n_test": len(loaded.splits["test"]), "max_steps": args.max_steps, "tapt_steps": args.tapt_steps,
-            "total_seconds": time.time() - t0, "threads": __import__("torch").get_num_threads(), "arms": records}
+            "search": args.search, "evaluated_on": "dev (search)" if args.search else "test", "note": note,
+            "zero_shot": zero_shot, "n_test": n_test, "max_steps": args.max_steps, "tapt_steps": args.tapt_steps,
+            "total_seconds": seconds, "threads": __import__("torch").get_num_threads(), "arms": records}
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1)
@@ -191,7 +204,40 @@ def main(argv=None) -> None:
         fh.write(text)
     print(text)
     plot(data, os.path.join(args.out, "adapters_tapt.png"))
-    print(f"wrote {path} ({data['total_seconds'] / 60:.1f} min)")
+    print(f"wrote {path} ({seconds / 60:.1f} min)")
+
+
+def collect(args, argv) -> None:
+    """--collect: results.json from the arms' directories of an interrupted run (each finished arm wrote its
+    metrics.json and logs). The ZO model of each arm is rebuilt from its logs (zokernels.hf.rebuild_model, bitwise)
+    and evaluated again for its per-example test results (McNemar); its accuracy must equal the run's. AdamW
+    weights are not saved (--save-model no), so the FO arms get no McNemar here."""
+    from zokernels.hf import rebuild_model
+    from zokernels.hf.pipeline import load_task_data
+    from zokernels.hf.scoring import VerbalizerCollator, evaluate_accuracy
+
+    records, zero_shot, n_test, seconds = [], None, 0, 0.0
+    for name in args.arms.split(","):
+        out = os.path.join(args.out, name)
+        if not os.path.isfile(os.path.join(out, "metrics.json")):
+            print(f"{name}: no metrics.json (the arm did not finish)")
+            continue
+        with open(os.path.join(out, "metrics.json")) as fh:
+            m = json.load(fh)
+        model, tokenizer = rebuild_model(out)
+        _, task, splits = load_task_data(m["config"])
+        acc, correct = evaluate_accuracy(model, VerbalizerCollator(tokenizer, task), splits["test"],
+                                         m["config"]["eval_batch_size"])
+        if abs(acc - m["zo"]["test_accuracy"]) > 1.5 / len(correct):
+            raise SystemExit(f"{name}: the rebuilt model's test accuracy {acc} differs from the run's "
+                             f"{m['zo']['test_accuracy']}")
+        records.append({"name": name, "config": m["config"], "trainable_params": m["trainable_params"],
+                        "seconds": m["seconds"]["total"], "zo": {**m["zo"], "test_correct": correct},
+                        "tapt": m.get("tapt"), "fo": m.get("fo")})
+        zero_shot = zero_shot or {k: m["zero_shot"][k] for k in ("test_accuracy", "dev_accuracy")}
+        n_test, seconds = len(correct), seconds + m["seconds"]["total"]
+    finish(args, argv, records, zero_shot, n_test, seconds,
+           note="collected from the arms' directories (--collect): the run was stopped before its other arms")
 
 
 def _p(r: dict | None, key: str) -> str:
@@ -228,7 +274,7 @@ def render(data: dict) -> str:
               f"{t.get('tapt_lr', c['lr']):g}, eps {t.get('tapt_eps', c['eps']):g}, FO TAPT lr "
               f"{t.get('tapt_fo_lr', c['fo_lr']):g}, on {t.get('tapt_examples', '-')} unlabeled texts; {c['device']}, "
               f"{data['threads']} threads, {data['total_seconds'] / 60:.0f} min in all.",
-              f"Command: `{data['command']}`"]
+              f"Command: `{data['command']}`" + (f" ({data['note']})" if data.get("note") else "")]
     return "\n".join(lines) + "\n"
 
 
