@@ -207,8 +207,12 @@ def cache(cfg: dict, model: nn.Module, say: Say = print):
         model.zo_trunk_cache = FrozenTrunkCache(model)
         say("frozen trunk: decoder states are computed once per example (only the final norm is tuned)")
         return model.zo_trunk_cache
-    first = {"last-layers": lambda: last_layers(model, cfg["tune_layers"])[0],
-             "adapters": lambda: first_adapted_block(model)}.get(cfg["tune"], lambda: 0)()
+    if cfg["tune"] == "last-layers":
+        first = last_layers(model, cfg["tune_layers"])[0]
+    elif cfg["tune"] == "adapters":
+        first = first_adapted_block(model)
+    else:
+        first = 0
     if not first:
         return None
     model.zo_trunk_cache = LayerInputCache(model, first)
