@@ -62,6 +62,14 @@ class Config:
     quant_seq: int | None = None
     quant_lora_rank: int = 16
     quant_formats: list[str] = field(default_factory=lambda: ["int8", "int4", "fp8"])
+    # pruning, benchmarks/prune.py (GPU only): tokens of the 2:4 matmuls (16 x 256); the pruning-time model's decoder
+    # layers, its calibration sequences x tokens and the part's own time cap (None: 4, 8 x 512, 90 s; --quick 1,
+    # 4 x 256, 30 s)
+    prune_tokens: int = 16 * 256
+    prune_layers: int | None = None
+    prune_samples: int | None = None
+    prune_seq: int | None = None
+    prune_seconds: float | None = None
 
     def seconds_left(self) -> float:
         return self.time_budget_s - (time.monotonic() - self.started)

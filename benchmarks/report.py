@@ -192,6 +192,9 @@ def to_markdown(data: dict) -> str:
     if data.get("quant"):
         from .quant import quant_markdown
         out += quant_markdown(data["quant"], _table)
+    if data.get("prune"):
+        from .prune import prune_markdown
+        out += prune_markdown(data["prune"], _table)
     formulas = sorted({(r["impl"], r["kernel"], r["bytes_formula"]) for r in data.get("micro", [])})
     if formulas:
         out += ["## Bytes counted per call", "", _table(["impl", "kernel", "formula"], [list(f) for f in formulas]), ""]

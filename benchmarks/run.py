@@ -36,7 +36,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--quick", action="store_true", help="small sizes (seconds on a GPU)")
-    ap.add_argument("--only", choices=("micro", "e2e", "masked", "quant"), help="run one part only")
+    ap.add_argument("--only", choices=("micro", "e2e", "masked", "quant", "prune"), help="run one part only")
     ap.add_argument("--out", default=report.RESULTS_DIR, help="output directory (default benchmarks/results)")
     ap.add_argument("--scale", type=float, help="keep this fraction of decoder layers (micro + e2e)")
     ap.add_argument("--width-div", type=int, help="divide every width of the micro parameter lists")
@@ -62,6 +62,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     ap.add_argument("--masked-layers", type=int, help="LLaMA-7B layers whose matrices the masked part uses")
     ap.add_argument("--quant-layers", type=int, help="decoder layers of the QuZO memory model (default 32, quick 4)")
     ap.add_argument("--quant-formats", type=_csv(str), help="QuZO memory formats: int8,int4,fp8")
+    ap.add_argument("--prune-layers", type=int, help="decoder layers of the pruning-time model (default 4, quick 1)")
+    ap.add_argument("--prune-samples", type=int, help="calibration sequences of the pruning-time cases (default 8)")
+    ap.add_argument("--prune-seq", type=int, help="tokens per calibration sequence (default 512, quick 256)")
+    ap.add_argument("--prune-seconds", type=float, help="the prune part's own time cap (default 90 s, quick 30 s)")
     return ap.parse_args(argv)
 
 
@@ -75,7 +79,9 @@ def build_config(args: argparse.Namespace):
                  "time_budget_s": args.time_budget, "e2e_reserve_s": args.e2e_reserve,
                  "zosgd_probes": args.zosgd_probes, "masked_ratios": args.masked_ratios,
                  "masked_blocks": args.masked_blocks, "masked_layers": args.masked_layers,
-                 "quant_layers": args.quant_layers, "quant_formats": args.quant_formats}
+                 "quant_layers": args.quant_layers, "quant_formats": args.quant_formats,
+                 "prune_layers": args.prune_layers, "prune_samples": args.prune_samples, "prune_seq": args.prune_seq,
+                 "prune_seconds": args.prune_seconds}
     if args.models is not None:
         overrides["models"] = [m for m in args.models if m != "none"]
     for key, value in overrides.items():
@@ -143,6 +149,11 @@ def _run(args: argparse.Namespace, argv: list[str]) -> int:
         run_quant(cfg, res)
     elif args.only is None:
         res.skip("quant (quantized matmuls, QuZO memory)", "GPU part: on CPU only with --only quant (a smoke run)")
+    if args.only in (None, "prune"):  # after quant: runs last; on CPU it records its skip
+        from benchmarks.prune import run_prune
+        print(f"[benchmarks] pruning (2:4 semi-structured matmuls, prune() time) on {meta['device_name']} ...",
+              flush=True)
+        run_prune(cfg, res)
     res.data["meta"]["wall_s"] = round(time.monotonic() - started, 1)
     res.data["targets"] = report.evaluate_targets(res.data)
     paths = report.write_outputs(res.data, stem)

@@ -1,4 +1,5 @@
-"""`python -m zokernels`: environment report. `python -m zokernels finetune ...`: the main job."""
+"""`python -m zokernels`: environment report. `python -m zokernels finetune ...`: the main job. `python -m zokernels
+prune ...`: pruning (zokernels.cli_prune)."""
 from __future__ import annotations
 
 import importlib
@@ -90,13 +91,17 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] == "finetune":
         from .cli import main as finetune_main
         return finetune_main(argv[1:])
+    if argv and argv[0] == "prune":
+        from .cli_prune import main as prune_main
+        return prune_main(argv[1:])
     if argv and argv[0] not in ("env", "-h", "--help"):
-        print(f"error: unknown command {argv[0]!r}; commands: env (default), finetune", file=sys.stderr)
+        print(f"error: unknown command {argv[0]!r}; commands: env (default), finetune, prune", file=sys.stderr)
         return 2
     if argv and argv[0] in ("-h", "--help"):
-        print("usage: python -m zokernels [env | finetune [options]]\n"
+        print("usage: python -m zokernels [env | finetune [options] | prune [options]]\n"
               "  env        print versions, GPU and which backends are usable (default)\n"
-              "  finetune   ZO fine-tuning of a real LLM on real data (see --help)")
+              "  finetune   ZO fine-tuning of a real LLM on real data (see --help)\n"
+              "  prune      magnitude / Wanda / Wanda++ pruning of a real LLM (see --help)")
         return 0
     print(environment_report())
     return 0

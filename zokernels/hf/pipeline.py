@@ -24,6 +24,8 @@ import torch
 from torch import nn
 
 from .errors import ZOError
+from ..masks import load_masks
+from .pruning import KeepPrunedZero, pruned_fraction, trained_masks
 from .scoring import PromptTask, VerbalizerCollator
 
 ZERO_SHOT_FILE = "zero_shot.json"  # the zero-shot results, reused by --resume
@@ -399,7 +401,8 @@ def train(cfg: dict, tuned: Tuned, loaded: Loaded, zero_shot: Accuracy, progress
                                                        cfg["lr"]),
                         objective=VerbalizerObjective(cfg["objective"]), zo_eps=cfg["eps"],
                         zo_n_queries=cfg["n_queries"], zo_seed=cfg["seed"], zo_probe=cfg["probe"],
-                        zo_method="zosgd" if tuned.quzo_layers is None else "quzo", zo_quant_layers=tuned.quzo_layers)
+                        zo_method="zosgd" if tuned.quzo_layers is None else "quzo", zo_quant_layers=tuned.quzo_layers,
+                        zo_masks=trained_masks(model, cfg.get("masks")))
     seconds = _run_trainer(trainer, progress, resume_from, say)
     test = evaluate(model, loaded.collator, loaded.splits, cfg["eval_batch_size"], "fine-tuned",
                     progress=not cfg.get("no_progress"))
@@ -434,6 +437,12 @@ def save(cfg: dict, tuned: Tuned, tokenizer, log, say: Say = print) -> str:
         say("model not saved; rebuild it from the base model and the fine-tune log with:\n"
             f"  python -c \"from zokernels.hf import rebuild_model; m, t = rebuild_model({out!r}); "
             f"m.save_pretrained({model_dir!r}); t.save_pretrained({model_dir!r})\"")
+    if cfg["save_model"] == "yes" and cfg.get("masks"):  # the saved model is still the pruned one: its masks go along
+        import shutil
+
+        from .pruning import PRUNE_MASKS_FILE
+
+        shutil.copyfile(cfg["masks"], os.path.join(model_dir, PRUNE_MASKS_FILE))
     if cfg["save_model"] == "yes" and cfg["tune"] == "adapters":  # the base architecture has no adapters to load into
         from ..adapters import save_adapters
 
@@ -494,7 +503,9 @@ def tapt(cfg: dict, model: nn.Module, loaded: Loaded, progress, *, first_order: 
                   objective=CausalLMObjective())
     trainer = FOTrainer(**kwargs) if first_order else \
         ZOTrainer(**kwargs, zo_eps=cfg["tapt_eps"], zo_n_queries=cfg["n_queries"], zo_seed=tapt_seed(cfg["seed"]),
-                  zo_probe=cfg["probe"], zo_method="zosgd")
+                  zo_probe=cfg["probe"], zo_method="zosgd", zo_masks=trained_masks(model, cfg.get("masks")))
+    if first_order:
+        keep_pruned_zero(trainer, model, cfg)
     seconds = _run_trainer(trainer, progress, say=say)
     after = heldout_lm_loss(model, collator, heldout, cfg["eval_batch_size"], progress=bar)
     acc = evaluate(model, loaded.collator, loaded.splits, cfg["eval_batch_size"], f"after {name}", dev=True,
@@ -516,6 +527,23 @@ def tapt(cfg: dict, model: nn.Module, loaded: Loaded, progress, *, first_order: 
 
 
 # ----------------------------------------------------------------------------- baseline
+def keep_pruned_zero(trainer, model: nn.Module, cfg: dict) -> None:
+    """--masks (a pruned model) in a first-order stage: the pruned elements of the trained weights are set back to
+    zero after every optimizer step (hf.pruning.KeepPrunedZero), as ZO's masked kernels never move them."""
+    from transformers import TrainerCallback
+
+    masks = trained_masks(model, cfg.get("masks"))
+    if not masks:
+        return
+    reset = KeepPrunedZero(model, masks)
+
+    class _Callback(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            reset()
+
+    trainer.add_callback(_Callback())
+
+
 def trainable_state(model: nn.Module) -> dict[str, torch.Tensor]:
     """Copies of the trainable parameters: baseline() starts from them (taken before ZO training)."""
     return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -548,6 +576,7 @@ def baseline(cfg: dict, model: nn.Module, loaded: Loaded, start: dict[str, torch
     trainer = FOTrainer(model=model, **_trainer_kwargs(cfg, loaded, os.path.join(cfg["output_dir"], "trainer_fo"),
                                                        cfg["fo_lr"]),
                         objective=VerbalizerObjective("ce" if cfg["objective"] == "accuracy" else cfg["objective"]))
+    keep_pruned_zero(trainer, model, cfg)
     seconds = _run_trainer(trainer, progress)
     test = evaluate(model, loaded.collator, loaded.splits, cfg["eval_batch_size"], "first-order",
                     progress=not cfg.get("no_progress"))
@@ -586,6 +615,7 @@ def metrics(state: RunState) -> dict:
                       "float_model_test_accuracy": zs.float_test},
         "zo": {"test_accuracy": zo.test.test, "gain_points": 100 * (zo.test.test - zs.test),
                "mcnemar_vs_zero_shot": zo.mcnemar["vs_zero_shot"], "steps": zo.steps,
+               "test_correct": zo.test.test_correct,
                "dev_accuracy": zo.curves["dev_accuracy"], "train_loss": zo.curves["loss"], "train_seconds": zo.seconds,
                "peak_memory_mib": state.peak_memory_mib},
         "optimizer": "QuZO" if tuned.quzo_layers is not None else "ZOSGD", "log_file": state.log_file,
@@ -598,6 +628,11 @@ def metrics(state: RunState) -> dict:
                       "matmul": cfg["quant_matmul"], "layers": len(r.layers), "linear_bytes_before": r.bytes_before,
                       "linear_bytes_after": r.bytes_after, "model_bytes_before": r.model_bytes_before,
                       "model_bytes_after": r.model_bytes_after, "quzo_layers": tuned.quzo_layers}
+    if cfg.get("masks"):  # a pruned model: its masks, and the zeros of the masked weights after training (the check)
+        masks = load_masks(cfg["masks"])
+        m["masks"] = {"file": cfg["masks"], "params": len(masks),
+                      "trained_masked_params": len(trained_masks(tuned.model, cfg["masks"]) or {}),
+                      "zeros_fraction": pruned_fraction(tuned.model, masks)}
     if state.tapt is not None:
         m["tapt"] = state.tapt.as_dict()
         m["seconds"]["tapt"] = state.tapt.seconds
@@ -605,6 +640,7 @@ def metrics(state: RunState) -> dict:
         fo = state.fo
         m["fo"] = {"tapt": fo.tapt.as_dict() if fo.tapt is not None else None,"test_accuracy": fo.test.test, "gain_points": 100 * (fo.test.test - zs.test),
                    "mcnemar_vs_zero_shot": fo.mcnemar["vs_zero_shot"], "mcnemar_vs_zo": fo.mcnemar["vs_zo"],
+                   "test_correct": fo.test.test_correct,
                    "lr": cfg["fo_lr"], "train_seconds": fo.seconds, "dev_accuracy": fo.curves["dev_accuracy"],
                    "train_loss": fo.curves["loss"]}
     return m

@@ -260,7 +260,8 @@ class ZOTrainer(AtomicCheckpoints, ObjectiveMixin, Trainer):
     """Trainer that fine-tunes with zeroth-order SPSA steps (ZOSGD) — see the module docstring.
 
     Extra arguments: objective (callable(model, inputs) -> scalar to minimize; None: compute_loss),
-    zo_eps, zo_n_queries, zo_dist, zo_seed (None: args.seed), zo_probe, zo_one_sided, zo_backend;
+    zo_eps, zo_n_queries, zo_dist, zo_seed (None: args.seed), zo_probe, zo_one_sided, zo_backend, zo_masks
+    ({param name: zokernels.masks.ParamMask}: ZOSGD trains only the masked elements, e.g. a pruned model's kept ones);
     quantized models: zo_method ("auto" | "zosgd" | "quzo"), zo_quant_layers (QuantLinear names QuZO
     trains; None: all), zo_quzo (extra QuZO arguments: update, act_sr, probe="fused"|"inplace").
     The learning rate, weight decay, scheduler and warmup come from TrainingArguments as usual."""
@@ -268,7 +269,7 @@ class ZOTrainer(AtomicCheckpoints, ObjectiveMixin, Trainer):
     def __init__(self, *args, objective: Callable[[nn.Module, Any], torch.Tensor] | None = None,
                  zo_eps: float = 1e-3, zo_n_queries: int = 1, zo_dist: str = "gaussian", zo_seed: int | None = None,
                  zo_probe: str = "auto", zo_one_sided: bool = False, zo_backend: str = "auto",
-                 zo_method: str = "auto", zo_quant_layers=None, zo_quzo: dict | None = None, **kwargs):
+                 zo_method: str = "auto", zo_quant_layers=None, zo_quzo: dict | None = None, zo_masks=None, **kwargs):
         if zo_method not in ZO_METHODS:
             raise ValueError(f"ZOTrainer: zo_method must be one of {ZO_METHODS}, got {zo_method!r}")
         super().__init__(*args, **kwargs)
@@ -292,6 +293,10 @@ class ZOTrainer(AtomicCheckpoints, ObjectiveMixin, Trainer):
         self.zo_config = dict(eps=zo_eps, n_queries=zo_n_queries, dist=zo_dist,
                               seed=targs.seed if zo_seed is None else zo_seed, probe=zo_probe,
                               one_sided=zo_one_sided, backend=zo_backend)
+        if zo_masks:
+            if zo_method == "quzo":
+                raise ValueError("ZOTrainer: zo_masks (ZOSGD's masks) do not apply to QuZO")
+            self.zo_config["masks"] = zo_masks
         self.zo_method = zo_method
         self.zo_quant_layers = None if zo_quant_layers is None else list(zo_quant_layers)
         self.zo_quzo = dict(zo_quzo or {})
@@ -341,6 +346,8 @@ class ZOTrainer(AtomicCheckpoints, ObjectiveMixin, Trainer):
                              f"{unknown[:3] or 'an empty list'}")
         if self.args.weight_decay:
             raise ValueError("ZOTrainer: QuZO has no weight decay; set weight_decay=0")
+        if "masks" in self.zo_config:
+            raise ValueError("ZOTrainer: zo_masks (ZOSGD's masks) do not apply to QuZO")
         if self.zo_config["one_sided"]:
             raise ValueError("ZOTrainer: QuZO probes are two-sided; zo_one_sided=True is not supported")
         floats = sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from .errors import ZOError
+from .pruning import trained_masks
 
 TUNE_MODES = ("all", "norms", "final-norm", "last-layers", "lora", "adapters")
 QUANT_FORMATS = ("int8", "int4", "fp8")
@@ -212,7 +213,8 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
     finetune_log.npz holds the steps, or quzo_log.json in QuZO runs written before the one log format). --quant
     runs: the model is quantized the same way (round to nearest is deterministic) and the log replayed, bitwise.
     --tune adapters: the adapters are added again (same configuration and seed, hence the same starting
-    weights) before the log is replayed. --tapt-steps: the TAPT stage's log (tapt_log.npz) is replayed first."""
+    weights) before the log is replayed. --tapt-steps: the TAPT stage's log (tapt_log.npz) is replayed first.
+    --masks (a pruned model): the masks file the run used is read again for the replay."""
     import zokernels
 
     from .data import load_model_and_tokenizer
@@ -236,9 +238,10 @@ def rebuild_model(output_dir: str | os.PathLike, model: nn.Module | None = None)
         _, quzo_layers = quantize_for_tuning(model, cfg["quant"], cfg["tune"], group_size=cfg["quant_group_size"],
                                              matmul=cfg["quant_matmul"], tune_layers=cfg.get("tune_layers", 1),
                                              tune_linears=linears)
+    masks = {"masks": trained_masks(model, cfg["masks"])} if cfg.get("masks") else {}  # a pruned model's
     if cfg.get("tapt_steps"):  # the TAPT stage's steps come first; fine-tuning started from its weights
-        zokernels.replay(model, os.path.join(output_dir, TAPT_LOG_FILE))
+        zokernels.replay(model, os.path.join(output_dir, TAPT_LOG_FILE), **masks)
     log = os.path.join(output_dir, LOG_FILE)
     legacy = os.path.join(output_dir, LEGACY_QUZO_LOG_FILE)
-    zokernels.replay(model, legacy if quzo_layers is not None and not os.path.exists(log) else log)
+    zokernels.replay(model, legacy if quzo_layers is not None and not os.path.exists(log) else log, **masks)
     return model if tokenizer is None else (model, tokenizer)
