@@ -629,10 +629,10 @@ def metrics(state: RunState) -> dict:
                       "linear_bytes_after": r.bytes_after, "model_bytes_before": r.model_bytes_before,
                       "model_bytes_after": r.model_bytes_after, "quzo_layers": tuned.quzo_layers}
     if cfg.get("masks"):  # a pruned model: its masks, and the zeros of the masked weights after training (the check)
-        masks = load_masks(cfg["masks"])
-        m["masks"] = {"file": cfg["masks"], "params": len(masks),
-                      "trained_masked_params": len(trained_masks(tuned.model, cfg["masks"]) or {}),
-                      "zeros_fraction": pruned_fraction(tuned.model, masks)}
+        masks, trained = load_masks(cfg["masks"]), trained_masks(tuned.model, cfg["masks"]) or {}
+        m["masks"] = {"file": cfg["masks"], "params": len(masks), "trained_masked_params": len(trained),
+                      "zeros_fraction": pruned_fraction(tuned.model, masks),
+                      "trained_zeros_fraction": pruned_fraction(tuned.model, trained) if trained else None}
     if state.tapt is not None:
         m["tapt"] = state.tapt.as_dict()
         m["seconds"]["tapt"] = state.tapt.seconds
