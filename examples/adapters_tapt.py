@@ -287,13 +287,11 @@ def update_doc(path: str, text: str, source: str) -> None:
 
 def plot(data: dict, path: str) -> None:
     """Test accuracy per arm (ZO, FO), dev accuracy per fine-tuning step, TAPT held-out LM loss per step."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("plot skipped: matplotlib missing")
+    from zokernels.hf.summary import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     arms = [r for r in data["arms"] if r.get("zo")]
     fig, (ax_bar, ax_dev, ax_tapt) = plt.subplots(1, 3, figsize=(17, 4.2))

@@ -203,13 +203,11 @@ def update_doc(path: str, text: str, source: str) -> None:
 
 def plot(data: dict, path: str) -> None:
     """Held-out perplexity per arm; zero-shot and ZO fine-tuned test accuracy per arm."""
-    try:
-        import matplotlib
-    except ImportError:
-        print("plot skipped: matplotlib missing")
+    from zokernels.hf.summary import pyplot
+
+    plt = pyplot()
+    if plt is None:
         return
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
     arms = data["arms"]
     names = [r["name"] for r in arms]

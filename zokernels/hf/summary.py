@@ -45,6 +45,19 @@ def table(run_dirs: list[str]) -> str:
     return "\n".join([HEADER, *rows])
 
 
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (files only), or None with a line saying the plot is skipped."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("plot skipped: matplotlib missing")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
 def replace_block(path: str, start: str, end: str, text: str, generator: str) -> None:
     """Replace what lies between the markers `start` and `end` in the doc `path` with `text`, headed by a
     comment naming the `generator` command (SystemExit when the markers are missing)."""
