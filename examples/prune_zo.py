@@ -3,11 +3,12 @@ and Wanda++ (RGS + RO) at 50% unstructured and 2:4, against the dense model, on 
 
 Each arm is two CLI commands, run as a user would run them:
 
-    python -m zokernels prune --method M --pattern P ... --output-dir <scratch>/<arm>       (held-out perplexity of
-        200 dev texts and zero-shot test accuracy, dense and pruned; calibration: windows of the training pool's
-        text, never a dev or test text)
+    python -m zokernels prune --method M --pattern P <--prune-args> --output-dir <scratch>/<arm>   (held-out
+        perplexity of 200 dev texts, dense and pruned; calibration: windows of the training pool's text, never a dev
+        or test text)
     python -m zokernels finetune --model <scratch>/<arm>/model <--finetune-args> --output-dir <out>/<arm>
-        (the pruned model's masks are found beside it: ZO never moves a pruned weight)
+        (zero-shot and fine-tuned test accuracy of the pruned model; its masks are found beside it: ZO never moves
+        a pruned weight)
 
 The dense arm fine-tunes the unpruned model with the same options. results.json collects every arm's prune report
 and metrics; McNemar p: pruned zero-shot vs dense zero-shot, fine-tuned arm vs the fine-tuned dense arm. The pruned
@@ -17,7 +18,7 @@ its prune command: the pruning is deterministic on one machine).
     python examples/prune_zo.py --out results/prune-cpu                       # the CPU experiment
     python examples/prune_zo.py --render results/prune-cpu/results.json --update-doc docs/prune.md \
         --update-doc README.md
-    python examples/prune_zo.py --quick --out /tmp/pz                          # smoke: tiny sizes, two arms
+    python examples/prune_zo.py --quick --out /tmp/pz --arms dense,wanda-2:4      # smoke: tiny sizes
 """
 from __future__ import annotations
 
@@ -52,7 +53,7 @@ def parse_args(argv):
     ap.add_argument("--out", default="results/prune-cpu")
     ap.add_argument("--scratch", default="/tmp/zokernels-prune-models", help="where the pruned models go")
     ap.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, of {', '.join(ARMS)}")
-    ap.add_argument("--prune-args", default="--calibration-examples 64 --calibration-tokens 64",
+    ap.add_argument("--prune-args", default="--calibration-examples 64 --calibration-tokens 64 --accuracy no",
                     help="more `prune` options for every pruned arm (quoted)")
     ap.add_argument("--finetune-args", default="--max-steps 500",
                     help="`finetune` options of every arm (quoted; default: the main job's CPU defaults, 500 steps)")
