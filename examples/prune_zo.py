@@ -93,7 +93,7 @@ def main(argv=None) -> None:
                    "--eval-examples", "16", "--ro-samples", "2", "--ro-rounds", "2"] if args.quick else []
     quick_ft = ["--smoke"] if args.quick else []
     py = [sys.executable, "-m", "zokernels"]
-    t_all = time.time()
+    t_all, load_before = time.time(), os.getloadavg()
     os.makedirs(args.out, exist_ok=True)
     records, pruned = [], {}
     for name in args.arms.split(","):
@@ -128,14 +128,15 @@ def main(argv=None) -> None:
             record["metrics"] = json.load(fh)
         with open(os.path.join(out, "zero_shot.json")) as fh:
             record["zero_shot"] = json.load(fh)
+        record["load_average_after"] = os.getloadavg()  # the machine's load: other work slows the timings
         records.append(record)
         print(f"   zero-shot {record['zero_shot']['test']:.4f}, fine-tuned {record['metrics']['zo']['test_accuracy']:.4f}"
               + (f", held-out ppl {record['prune']['pruned']['heldout']['perplexity']:.1f}, pruned in "
                  f"{record['prune']['prune']['seconds']:.0f}s" if "prune" in record else ""), flush=True)
-    finish(args, argv, records, time.time() - t_all)
+    finish(args, argv, records, time.time() - t_all, load_before)
 
 
-def finish(args, argv, records: list[dict], seconds: float) -> None:
+def finish(args, argv, records: list[dict], seconds: float, load_before=None) -> None:
     """McNemar vs the dense arm (zero-shot vs zero-shot, fine-tuned vs fine-tuned), results.json / .md / plot."""
     from zokernels.hf.stats import mcnemar
 
@@ -146,7 +147,8 @@ def finish(args, argv, records: list[dict], seconds: float) -> None:
             r["finetuned_vs_dense"] = mcnemar(dense["metrics"]["zo"]["test_correct"],
                                               r["metrics"]["zo"]["test_correct"])
     data = {"command": "python " + " ".join(shlex.quote(a) for a in [sys.argv[0], *(argv or sys.argv[1:])]),
-            "total_seconds": seconds, "threads": __import__("torch").get_num_threads(), "arms": records}
+            "total_seconds": seconds, "threads": __import__("torch").get_num_threads(),
+            "load_average_before": load_before, "arms": records}
     path = os.path.join(args.out, "results.json")
     with open(path, "w") as fh:
         json.dump(data, fh, indent=1)

@@ -310,7 +310,8 @@ def test_report_writes_metrics_and_plot_from_a_fake_state(tmp_path, tiny, fo, qu
                               "float_model_test_accuracy": 0.75 if quant else None}
     assert m["zo"] == {"test_accuracy": 0.75, "gain_points": 25.0, "mcnemar_vs_zero_shot": {"p_value": 1.0},
                        "steps": 3, "dev_accuracy": [(2, 0.5), (3, 0.75)], "train_loss": [(1, 0.9), (2, 0.7), (3, 0.6)],
-                       "train_seconds": 4.0, "peak_memory_mib": 123.0}
+                       "train_seconds": 4.0, "peak_memory_mib": 123.0, "test_correct": state.zo.test.test_correct}
+    assert m["zo"]["test_correct"] == [True, True, True, False]   # per example: McNemar against any other run later
     assert m["optimizer"] == "ZOSGD" and m["log_file"] == "finetune_log.npz"
     assert {k: m["seconds"][k] for k in ("load", "zero_shot_eval", "train", "final_eval")} == \
         {"load": 1.5, "zero_shot_eval": 2.0, "train": 4.0, "final_eval": 0.5}
@@ -319,6 +320,7 @@ def test_report_writes_metrics_and_plot_from_a_fake_state(tmp_path, tiny, fo, qu
     if fo:
         assert m["fo"]["gain_points"] == -25.0 and m["fo"]["mcnemar_vs_zo"] == {"p_value": 0.25}
         assert m["fo"]["lr"] == state.cfg["fo_lr"] and m["fo"]["train_seconds"] == 6.0
+        assert m["fo"]["test_correct"] == state.fo.test.test_correct
     if quant:
         assert m["quant"] == {"fmt": "int4", "group_size": 32, "matmul": "dequant", "layers": 2,
                               "linear_bytes_before": 400, "linear_bytes_after": 100, "model_bytes_before": 1000,
