@@ -62,6 +62,9 @@ def parse_args(argv):
     ap.add_argument("--quick", action="store_true", help="2 steps per stage, 16 examples: a smoke run")
     ap.add_argument("--collect", action="store_true",
                     help="results.json from the finished arms' directories in --out (a stopped run)")
+    ap.add_argument("--merge", nargs="+", metavar="RESULTS_JSON",
+                    help="one results.json in --out from the arms of several runs' results.json files (same data, "
+                         "zero-shot and settings; McNemar vs direct recomputed)")
     ap.add_argument("--render", help="results.json to print as markdown (and plot next to it)")
     ap.add_argument("--update-doc", action="append", default=[],
                     help="with --render: a doc whose generated table block to replace (repeatable)")
@@ -160,6 +163,9 @@ def main(argv=None) -> None:
     if args.collect:
         collect(args, argv)
         return
+    if args.merge:
+        merge(args, argv)
+        return
     from zokernels.hf import pipeline as stages
 
     t0 = time.time()
@@ -238,6 +244,26 @@ def collect(args, argv) -> None:
         n_test, seconds = len(correct), seconds + m["seconds"]["total"]
     finish(args, argv, records, zero_shot, n_test, seconds,
            note="collected from the arms' directories (--collect): the run was stopped before its other arms")
+
+
+def merge(args, argv) -> None:
+    """--merge: the arms of several results.json files (in order, a later file's arm replacing an earlier one of the
+    same name) into one results.json in --out; refuses files whose zero-shot results differ (other data or seed)."""
+    runs = []
+    for path in args.merge:
+        with open(path) as fh:
+            runs.append(json.load(fh))
+    zs = runs[0]["zero_shot"]
+    if any(r["zero_shot"] != zs or r["n_test"] != runs[0]["n_test"] for r in runs):
+        raise SystemExit("--merge: the runs' zero-shot results differ (another data split, seed or model)")
+    arms = {}
+    for r in runs:
+        for arm in r["arms"]:
+            for kind in ("zo", "fo"):
+                (arm.get(kind) or {}).pop("mcnemar_vs_direct", None)
+            arms[arm["name"]] = arm
+    finish(args, argv, list(arms.values()), zs, runs[0]["n_test"], sum(r["total_seconds"] for r in runs),
+           note="merged from " + ", ".join(args.merge))
 
 
 def _p(r: dict | None, key: str) -> str:

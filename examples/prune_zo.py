@@ -59,6 +59,8 @@ def parse_args(argv):
                     help="`finetune` options of every arm (quoted; default: the main job's CPU defaults, 500 steps)")
     ap.add_argument("--quick", action="store_true",
                     help="smoke: tiny calibration and evaluation, `finetune --smoke` (--finetune-args ignored)")
+    ap.add_argument("--collect", action="store_true",
+                    help="results.json from the finished arms' directories in --out (runs split over several calls)")
     ap.add_argument("--render", help="results.json to print as markdown (and plot next to it)")
     ap.add_argument("--update-doc", action="append", default=[],
                     help="with --render: a doc whose generated table block to replace (repeatable)")
@@ -88,6 +90,9 @@ def main(argv=None) -> None:
         for doc in args.update_doc:
             update_doc(doc, text, args.render)
         print(text)
+        return
+    if args.collect:
+        collect(args, argv)
         return
     quick_prune = ["--calibration-examples", "2", "--calibration-tokens", "16", "--eval-texts", "8",
                    "--eval-examples", "16", "--ro-samples", "2", "--ro-rounds", "2"] if args.quick else []
@@ -134,6 +139,29 @@ def main(argv=None) -> None:
               + (f", held-out ppl {record['prune']['pruned']['heldout']['perplexity']:.1f}, pruned in "
                  f"{record['prune']['prune']['seconds']:.0f}s" if "prune" in record else ""), flush=True)
     finish(args, argv, records, time.time() - t_all, load_before)
+
+
+def read_arm(out: str, name: str) -> dict:
+    """An arm's record from its directory: prune_report.json (pruned arms), metrics.json, zero_shot.json."""
+    d = os.path.join(out, name)
+    record = {"name": name, "prune_options": ARMS[name][0], "finetune_options": ARMS[name][1]}
+    for key, file in (("prune", "prune_report.json"), ("metrics", "metrics.json"), ("zero_shot", "zero_shot.json")):
+        if os.path.isfile(os.path.join(d, file)):
+            with open(os.path.join(d, file)) as fh:
+                record[key] = json.load(fh)
+    return record
+
+
+def collect(args, argv) -> None:
+    """--collect: results.json from the finished arms of --arms in --out (each wrote its metrics.json)."""
+    records = []
+    for name in args.arms.split(","):
+        record = read_arm(args.out, name)
+        if "metrics" not in record or "test_correct" not in record["metrics"]["zo"]:
+            print(f"{name}: not finished (no metrics.json with per-example results): left out")
+            continue
+        records.append(record)
+    finish(args, argv, records, sum(r["metrics"]["seconds"]["total"] for r in records))
 
 
 def finish(args, argv, records: list[dict], seconds: float, load_before=None) -> None:
