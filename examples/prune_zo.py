@@ -18,7 +18,7 @@ its prune command: the pruning is deterministic on one machine).
     python examples/prune_zo.py --out results/prune-cpu                       # the CPU experiment
     python examples/prune_zo.py --render results/prune-cpu/results.json --update-doc docs/prune.md \
         --update-doc README.md
-    python examples/prune_zo.py --quick --out /tmp/pz --arms dense,wanda-2:4      # smoke: tiny sizes
+    python examples/prune_zo.py --quick --out /tmp/pz --arms dense,wanda-2of4      # smoke: tiny sizes
 """
 from __future__ import annotations
 
@@ -31,19 +31,20 @@ import subprocess
 import sys
 import time
 
-ARMS = {  # name: (prune options, None for the dense model; finetune options added to --finetune-args)
+ARMS = {  # name (a directory name: no ":", which Windows checkouts refuse): (prune options, None for the dense
+    # model; finetune options added to --finetune-args)
     "dense": (None, []),
     "magnitude-50%": (["--method", "magnitude", "--sparsity", "0.5"], []),
     "wanda-50%": (["--method", "wanda", "--sparsity", "0.5"], []),
     "wanda++rgs-50%": (["--method", "wanda++", "--sparsity", "0.5"], []),
     "wanda++ro-50%": (["--method", "wanda++", "--sparsity", "0.5", "--regional-opt", "yes"], []),
-    "magnitude-2:4": (["--method", "magnitude", "--pattern", "2:4"], []),
-    "wanda-2:4": (["--method", "wanda", "--pattern", "2:4"], []),
-    "wanda++rgs-2:4": (["--method", "wanda++", "--pattern", "2:4"], []),
-    "wanda++ro-2:4": (["--method", "wanda++", "--pattern", "2:4", "--regional-opt", "yes"], []),
+    "magnitude-2of4": (["--method", "magnitude", "--pattern", "2:4"], []),
+    "wanda-2of4": (["--method", "wanda", "--pattern", "2:4"], []),
+    "wanda++rgs-2of4": (["--method", "wanda++", "--pattern", "2:4"], []),
+    "wanda++ro-2of4": (["--method", "wanda++", "--pattern", "2:4", "--regional-opt", "yes"], []),
     # the masked kernels on pruned weights: ZO on the last decoder layer's 2:4-pruned Linears (lr NOT searched: 10x
     # MeZO's full-model 1e-6 for 1/38 of the weights; the arm shows the pruned weights staying zero under ZO)
-    "wanda-2:4-last-layer": (["--method", "wanda", "--pattern", "2:4"], ["--tune", "last-layers", "--lr", "1e-5"]),
+    "wanda-2of4-last-layer": (["--method", "wanda", "--pattern", "2:4"], ["--tune", "last-layers", "--lr", "1e-5"]),
 }
 TABLE_START, TABLE_END = "<!-- prune table -->", "<!-- /prune table -->"
 

@@ -84,8 +84,8 @@ def test_prune_zo_collect_renders_the_finished_arms(tmp_path, capsys):
     half = [True, False] * 4
     _prune_arm_dir(out, "dense", good, good, pruned=False)
     _prune_arm_dir(out, "wanda-50%", half, good)
-    (out / "wanda-2:4").mkdir()                                   # started, never finished: left out
-    mod.main(["--collect", "--out", str(out), "--arms", "dense,wanda-50%,wanda-2:4"])
+    (out / "wanda-2of4").mkdir()                                   # started, never finished: left out
+    mod.main(["--collect", "--out", str(out), "--arms", "dense,wanda-50%,wanda-2of4"])
     data = json.loads((out / "results.json").read_text())
     assert [r["name"] for r in data["arms"]] == ["dense", "wanda-50%"]
     wanda = data["arms"][1]
@@ -93,4 +93,4 @@ def test_prune_zo_collect_renders_the_finished_arms(tmp_path, capsys):
     assert wanda["finetuned_vs_dense"]["p_value"] == 1.0
     table = (out / "results.md").read_text()
     assert "| dense | 0 | 100.0 | 1.0000 |" in table and "| wanda-50% | 0.500 | 400.0 | 0.5000 | 0.12 |" in table
-    assert "wanda-2:4: not finished" in capsys.readouterr().out
+    assert "wanda-2of4: not finished" in capsys.readouterr().out
