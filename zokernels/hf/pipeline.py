@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import resource
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ from torch import nn
 
 from .errors import ZOError
 from ..masks import load_masks
-from .pruning import KeepPrunedZero, pruned_fraction, trained_masks
+from .pruning import PRUNE_MASKS_FILE, KeepPrunedZero, pruned_fraction, trained_masks
 from .scoring import PromptTask, VerbalizerCollator
 
 ZERO_SHOT_FILE = "zero_shot.json"  # the zero-shot results, reused by --resume
@@ -438,10 +439,6 @@ def save(cfg: dict, tuned: Tuned, tokenizer, log, say: Say = print) -> str:
             f"  python -c \"from zokernels.hf import rebuild_model; m, t = rebuild_model({out!r}); "
             f"m.save_pretrained({model_dir!r}); t.save_pretrained({model_dir!r})\"")
     if cfg["save_model"] == "yes" and cfg.get("masks"):  # the saved model is still the pruned one: its masks go along
-        import shutil
-
-        from .pruning import PRUNE_MASKS_FILE
-
         shutil.copyfile(cfg["masks"], os.path.join(model_dir, PRUNE_MASKS_FILE))
     if cfg["save_model"] == "yes" and cfg["tune"] == "adapters":  # the base architecture has no adapters to load into
         from ..adapters import save_adapters
